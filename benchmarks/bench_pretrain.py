@@ -1,0 +1,232 @@
+"""Pretraining speed: pretune against the Hugging Face Trainer, same model, same packed data, same run.
+
+    python benchmarks/bench_pretrain.py            # full size: the table in BENCHMARKS.md
+    python benchmarks/bench_pretrain.py --quick    # smoke size, a minute or two
+
+Workloads (from the issue): MLM on BERT L4/H256/A4, seq 128, batch 32, against the Trainer with
+``DataCollatorForLanguageModeling`` in fp32 (its default) and with ``bf16=True``; CLM on GPT-2
+L4/H256/A4, seq 256, against the Trainer's defaults.  Each contender runs in its own subprocess;
+contenders alternate, several repetitions, and the report gives medians and min-max.  Throughput
+is measured between the end of warm-up step W and the last step (steady state, no start-up).
+MFU = model FLOPs (same formula for both contenders: 6N per token + attention + output projection
+at the positions that carry a loss) / time / GEMM peak measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+WORKLOADS = {
+    "mlm": {"task": "mlm", "backbone": "bert", "block": 128, "batch": 32},
+    "clm": {"task": "clm", "backbone": "gpt2", "block": 256, "batch": 16},
+}
+# contender name -> (workload, tool, precision)
+CONTENDERS = {
+    "mlm": [("hf-fp32", "hf", "fp32"), ("hf-bf16", "hf", "bf16"), ("pretune", "pretune", "auto")],
+    "clm": [("hf-fp32", "hf", "fp32"), ("pretune", "pretune", "auto")],
+}
+
+
+def model_overrides(w: dict) -> list[str]:
+    return [f"task={w['task']}", f"backbone.name={w['backbone']}", "backbone.size=mini",
+            f"data.block_size={w['block']}", "data.validation=0", "data.tokenizer.vocab_size=8000"]
+
+
+def build_data(workload: str, cache: Path) -> Path:
+    """Pack the embedded corpus once; both contenders read the same blocks and tokenizer."""
+    import pretune.tasks  # noqa: F401
+    from pretune.recipe import load_recipe
+    from pretune.run import build_task
+
+    out = cache / workload
+    if (out / "blocks").exists():
+        return out
+    recipe = load_recipe(None, model_overrides(WORKLOADS[workload]))
+    data = build_task(recipe).data(recipe.data)
+    data.train.save_to_disk(str(out / "blocks"))
+    data.tokenizer.save_pretrained(str(out / "tokenizer"))
+    return out
+
+
+def run_pretune(workload: str, data_dir: Path, steps: int, warmup: int, precision: str) -> dict:
+    import pretune
+
+    w = WORKLOADS[workload]
+    with tempfile.TemporaryDirectory() as tmp:
+        result = pretune.train(None, [
+            *model_overrides(w), f"run_dir={tmp}/run", f"data.tokenizer.path={data_dir / 'tokenizer'}",
+            f"trainer.batch_size={w['batch']}", f"trainer.max_steps={steps}", "trainer.log_every=1",
+            f"trainer.precision={precision}", "trainer.progress=false", "trainer.tensorboard=false",
+            f"trainer.save_every={steps + 1}", "trainer.warmup=0.1", "trainer.lr=5e-4",
+        ])
+        rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"]
+    seconds = train[-1]["time"] - train[warmup - 1]["time"]
+    tokens = (steps - warmup) * w["batch"] * w["block"]
+    return {"seconds": seconds, "tokens_per_s": tokens / seconds, "final_loss": train[-1]["loss"],
+            "mfu_logged": statistics.median(r["mfu"] for r in train[warmup:])}
+
+
+def run_hf(workload: str, data_dir: Path, steps: int, warmup: int, precision: str) -> dict:
+    import datasets
+    import torch
+    import transformers
+
+    w = WORKLOADS[workload]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(data_dir / "tokenizer"))
+    blocks = datasets.load_from_disk(str(data_dir / "blocks"))
+    torch.manual_seed(0)
+    if w["task"] == "mlm":
+        config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                                         intermediate_size=1024, pad_token_id=tokenizer.pad_token_id)
+        model = transformers.BertForMaskedLM(config)
+        collator = transformers.DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=0.15)
+    else:
+        config = transformers.GPT2Config(vocab_size=len(tokenizer), n_embd=256, n_layer=4, n_head=4, n_positions=1024)
+        model = transformers.GPT2LMHeadModel(config)
+        collator = transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    times: list[float] = []
+    losses: list[float] = []
+
+    class Clock(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            times.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(logs["loss"])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = transformers.TrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=w["batch"], max_steps=steps, learning_rate=5e-4,
+            warmup_steps=max(1, steps // 10), lr_scheduler_type="cosine", weight_decay=0.01, save_strategy="no",
+            logging_steps=max(1, steps - 1), report_to="none", disable_tqdm=True, use_cpu=True, bf16=precision == "bf16",
+            dataloader_num_workers=0, seed=0,
+        )
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=blocks, data_collator=collator, callbacks=[Clock()])
+        trainer.train()
+    seconds = times[-1] - times[warmup - 1]
+    tokens = (steps - warmup) * w["batch"] * w["block"]
+    return {"seconds": seconds, "tokens_per_s": tokens / seconds, "final_loss": losses[-1] if losses else float("nan")}
+
+
+def model_flops_per_step(workload: str, vocab: int) -> float:
+    from types import SimpleNamespace
+
+    from pretune.trainer.flops import transformer_training_flops
+
+    w = WORKLOADS[workload]
+    config = SimpleNamespace(hidden_size=256, num_hidden_layers=4, intermediate_size=1024, vocab_size=vocab, model_type=w["backbone"])
+    tokens = w["batch"] * w["block"]
+    predicted = int(0.15 * tokens * (w["block"] - 1) / w["block"]) if w["task"] == "mlm" else tokens
+    return transformer_training_flops(config, tokens, w["block"], predicted)
+
+
+def child(args: argparse.Namespace) -> None:
+    """One contender, one repetition, in its own process; prints a JSON line."""
+    data_dir = Path(args.data_dir)
+    runner = run_hf if args.tool == "hf" else run_pretune
+    result = runner(args.workload, data_dir, args.steps, args.warmup, args.precision)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def peaks() -> dict:
+    import torch
+
+    from pretune.trainer.flops import measure_peak
+
+    return {"fp32": measure_peak(torch.float32, torch.device("cpu"), seconds=1.0),
+            "bf16": measure_peak(torch.bfloat16, torch.device("cpu"), seconds=1.0)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke size for CI")
+    parser.add_argument("--workloads", default="mlm,clm")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--workload", help=argparse.SUPPRESS)
+    parser.add_argument("--tool", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", help=argparse.SUPPRESS)
+    parser.add_argument("--data-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", type=int, default=None)
+    args = parser.parse_args()
+    steps = args.steps or (12 if args.quick else 60)
+    warmup = args.warmup or (4 if args.quick else 10)
+    if args.child:
+        args.steps, args.warmup = steps, warmup
+        return child(args)
+
+    import torch
+    import transformers
+
+    repeats = args.repeats or (1 if args.quick else 3)
+    RESULTS.mkdir(exist_ok=True)
+    cache = Path(tempfile.mkdtemp(prefix="pretune-bench-"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    peak = peaks()
+    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+              "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
+              "steps": steps, "warmup": warmup, "repeats": repeats, "peak_gflops": {k: v / 1e9 for k, v in peak.items()}, "rows": []}
+    for workload in args.workloads.split(","):
+        data_dir = build_data(workload, cache)
+        from transformers import AutoTokenizer
+
+        vocab = len(AutoTokenizer.from_pretrained(str(data_dir / "tokenizer")))
+        flops = model_flops_per_step(workload, vocab)
+        contenders = CONTENDERS[workload]
+        runs: dict[str, list[dict]] = {name: [] for name, _, _ in contenders}
+        for rep in range(repeats):
+            order = contenders if rep % 2 == 0 else contenders[::-1]  # alternate who goes first
+            for name, tool, precision in order:
+                cmd = [sys.executable, __file__, "--child", "--workload", workload, "--tool", tool, "--precision", precision,
+                       "--data-dir", str(data_dir), "--steps", str(steps), "--warmup", str(warmup)]
+                done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                line = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
+                if done.returncode != 0 or not line:
+                    sys.exit(f"{name} failed on {workload}:\n{done.stderr[-3000:]}")
+                result = json.loads(line[0][len("RESULT "):])
+                runs[name].append(result)
+                print(f"{workload} {name} rep {rep}: {result['tokens_per_s']:.0f} tokens/s, loss {result['final_loss']:.3f}", flush=True)
+        ours = statistics.median(r["tokens_per_s"] for r in runs["pretune"])
+        for name, _, precision in contenders:
+            speeds = [r["tokens_per_s"] for r in runs[name]]
+            median = statistics.median(speeds)
+            peak_used = peak["bf16"] if precision in ("bf16", "auto") else peak["fp32"]
+            report["rows"].append({
+                "workload": workload, "contender": name, "tokens_per_s": median, "min": min(speeds), "max": max(speeds),
+                "final_loss": statistics.median(r["final_loss"] for r in runs[name]),
+                "mfu": median * flops / (WORKLOADS[workload]["batch"] * WORKLOADS[workload]["block"]) / peak_used,
+                "pretune_speedup": ours / median,
+            })
+    name = "pretrain-quick.json" if args.quick else "pretrain.json"
+    (RESULTS / name).write_text(json.dumps(report, indent=2))
+    print(table(report))
+
+
+def table(report: dict) -> str:
+    lines = [f"{report['date']} · {report['machine']} · torch {report['torch']} · transformers {report['transformers']} · "
+             f"{report['steps']} steps ({report['warmup']} warm-up) × {report['repeats']} repeats · GEMM peak "
+             f"fp32 {report['peak_gflops']['fp32']:.0f} / bf16 {report['peak_gflops']['bf16']:.0f} GFLOP/s", "",
+             "| workload | contender | tokens/s (median) | min–max | MFU | final loss | pretune ÷ this |", "|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        lines.append(f"| {r['workload']} | {r['contender']} | {r['tokens_per_s']:.0f} | {r['min']:.0f}–{r['max']:.0f} | "
+                     f"{r['mfu']:.1%} | {r['final_loss']:.3f} | {r['pretune_speedup']:.2f}× |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

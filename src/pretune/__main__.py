@@ -1,0 +1,2 @@
+from pretune.cli import main
+raise SystemExit(main())

@@ -1,0 +1,200 @@
+"""Recipes: YAML files validated into typed objects, with dotted ``key=value`` overrides.
+
+A recipe says what to run (``task``), on what (``data``, ``backbone``) and how (``trainer``).
+Every field has a default that runs on a laptop CPU.  ``task`` and ``backbone`` are open sets
+(see :mod:`pretune.registry`): each registered task or backbone validates its own section with
+its own ``Config`` class, so a new objective brings its options with it.
+
+    recipe = load_recipe("recipes/text-mlm.yaml", ["trainer.lr=3e-4", "data.files=corpus/*.txt"])
+
+Errors are one line naming the key, the value and what is allowed:
+
+    recipe key 'trainer.lr': input should be greater than 0 (got -1)
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pretune.errors import RecipeError
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TokenizerConfig(Section):
+    path: str | None = None  # an existing tokenizer folder; otherwise one is trained on the corpus
+    kind: Literal["wordpiece", "bpe", "auto"] = "auto"  # auto: wordpiece for encoders, bpe for decoders
+    vocab_size: int = Field(8000, ge=64, le=1_000_000)
+    lowercase: bool = False
+    train_documents: int | None = Field(None, ge=1)  # cap the documents used to train the tokenizer
+
+
+class DataConfig(Section):
+    files: list[str] | str | None = None  # files, folders or globs; None: the embedded corpus
+    format: Literal["auto", "text", "jsonl", "csv", "parquet"] = "auto"
+    column: str = "text"  # the text column of JSONL / CSV / Parquet files
+    validation: float = Field(0.05, ge=0.0, lt=1.0)  # fraction of documents held out
+    validation_files: list[str] | str | None = None
+    block_size: int = Field(128, ge=8, le=65536)
+    max_documents: int | None = Field(None, ge=1)
+    streaming: bool = False  # read through an iterable dataset (corpora larger than RAM)
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    num_workers: int = Field(0, ge=0)
+    cache_dir: str | None = None
+
+    @field_validator("files", "validation_files")
+    @classmethod
+    def _as_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class TrainerConfig(Section):
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = Field(0.9, ge=0, lt=1)  # SGD only
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup: float = Field(0.06, ge=0)  # < 1: fraction of all steps; >= 1: number of steps
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    batch_size: int = Field(32, ge=1)  # per device, per micro-batch
+    accumulate: int = Field(1, ge=1)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)  # optimizer steps; overrides epochs
+    clip: float | None = Field(1.0, gt=0)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    compile: bool = False
+    eval_every: int = Field(200, ge=1)
+    eval_batches: int | None = Field(None, ge=1)
+    log_every: int = Field(10, ge=1)
+    save_every: int = Field(500, ge=1)
+    keep_last: int = Field(2, ge=1)
+    progress: bool = True
+    tensorboard: bool = True
+    threads: int | None = Field(None, ge=1)
+
+
+class Recipe(Section):
+    kind: Literal["pretrain", "finetune"] = "pretrain"
+    run_dir: str = "runs/run"
+    seed: int = 0
+    task: dict[str, Any] = {"name": "mlm"}
+    backbone: dict[str, Any] = {"name": "bert", "size": "tiny"}
+    data: DataConfig = DataConfig()
+    trainer: TrainerConfig = TrainerConfig()
+
+    @field_validator("task", "backbone", mode="before")
+    @classmethod
+    def _name_only(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    def section(self, key: Literal["task", "backbone"], config_class: type[BaseModel]) -> Any:
+        """Validate the open ``task``/``backbone`` section with the class that owns it."""
+        return validate(config_class, getattr(self, key), prefix=f"{key}.")
+
+    def dump(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def validate(model: type[BaseModel], data: dict[str, Any], prefix: str = "", source: str = "") -> Any:
+    """``model.model_validate(data)`` with a one-line error naming the first bad key."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(_describe(model, exc, prefix, source)) from None
+
+
+def _describe(model: type[BaseModel], exc: ValidationError, prefix: str, source: str) -> str:
+    err = exc.errors()[0]
+    loc = [str(part) for part in err["loc"]]
+    key = prefix + ".".join(loc)
+    where = f"{source}: " if source else ""
+    if err["type"] == "extra_forbidden":
+        allowed = _keys_at(model, loc[:-1])
+        hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
+        return f"{where}unknown recipe key {key!r}{hint}"
+    ctx = err.get("ctx") or {}
+    message = f"must be one of {ctx['expected']}" if "expected" in ctx else err["msg"][0].lower() + err["msg"][1:]
+    return f"{where}recipe key {key!r}: {message} (got {err.get('input')!r})"
+
+
+def _keys_at(model: Any, loc: list[str]) -> list[str]:
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = field.annotation
+    return list(getattr(model, "model_fields", {}))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'trainer.lr=3e-4'`` -> (['trainer', 'lr'], 0.0003); values are parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"override {text!r} is not of the form key=value (e.g. trainer.lr=3e-4)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    raw = copy.deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if isinstance(child, str) and part in ("task", "backbone"):
+                child = {"name": child}
+            if child is None:
+                child = {}
+            if not isinstance(child, dict):
+                raise RecipeError(f"override {text!r}: recipe key {part!r} is not a section")
+            node[part] = child
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "recipe.yaml"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file {str(path)!r} does not exist") from None
+    except (UnicodeDecodeError, IsADirectoryError, PermissionError) as exc:
+        raise RecipeError(f"cannot read recipe {str(path)!r}: {exc}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise RecipeError(f"{path}{line}: {problem}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of keys to values, got {type(raw).__name__}")
+    return raw
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] = (), **base: Any) -> Recipe:
+    """Read a recipe file (or start from ``base``), apply ``key=value`` overrides, validate."""
+    raw = dict(base)
+    if path is not None:
+        raw.update(read_yaml(path))
+    raw = apply_overrides(raw, list(overrides))
+    return validate(Recipe, raw, source=str(path) if path else "")

@@ -1,0 +1,92 @@
+"""``train(recipe)``: the whole journey of one run, from recipe to saved model.
+
+    recipe -> task -> data (rank 0 first) -> module (fresh or from a checkpoint) -> fit -> model/
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pretune.backbones import backbone_config
+from pretune.errors import CheckpointError
+from pretune.recipe import Recipe, load_recipe
+from pretune.registry import TASKS
+from pretune.trainer import checkpoint, distributed
+from pretune.trainer.loop import fit
+
+import pretune.tasks  # noqa: F401  (registers the built-in tasks)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict[str, float]
+
+    @property
+    def model_dir(self) -> Path:
+        return self.run_dir / "model"
+
+
+def build_task(recipe: Recipe) -> Any:
+    task_class = TASKS.get(str(recipe.task.get("name", "")))
+    return task_class(recipe.section("task", task_class.Config), seed=recipe.seed)
+
+
+def train(recipe: Recipe | str | Path, overrides: list[str] = (), *, resume: bool = False, overwrite: bool = False) -> RunResult:
+    """Run (or resume) the training described by ``recipe``; returns the run directory and final metrics.
+
+    ``recipe`` is a :class:`Recipe`, a YAML file, or, with ``resume=True``, a run directory.
+    """
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, list(overrides))
+    world = distributed.init()
+    run_dir = Path(recipe.run_dir)
+    resume_from = _prepare_run_dir(run_dir, recipe, resume, overwrite, world)
+
+    if recipe.trainer.threads:
+        torch.set_num_threads(recipe.trainer.threads)
+    task = build_task(recipe)
+    backbone = backbone_config(recipe)
+    saved_tokenizer = run_dir / "tokenizer"
+    if resume_from is not None:
+        backbone = backbone.model_copy(update={"path": str(resume_from / "model")})
+        data = task.data(recipe.data, tokenizer_path=str(resume_from / "model"))
+    else:
+        if world.main:  # rank 0 trains the tokenizer; the others load it
+            data = task.data(recipe.data)
+            data.tokenizer.save_pretrained(saved_tokenizer)
+        distributed.barrier(world)
+        if not world.main:
+            data = task.data(recipe.data, tokenizer_path=str(saved_tokenizer))
+    torch.manual_seed(recipe.seed)
+    module = task.build(backbone, data)
+    try:
+        metrics = fit(task, module, data, recipe, run_dir, world, resume_from=resume_from)
+    finally:
+        distributed.shutdown(world)
+    return RunResult(run_dir, metrics)
+
+
+def _prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool, world: distributed.World) -> Path | None:
+    """Create (or check) the run directory; return the checkpoint to resume from, if any."""
+    if resume:
+        latest = checkpoint.latest_checkpoint(run_dir)
+        if latest is None:
+            raise CheckpointError(f"{run_dir}: no complete checkpoint to resume from")
+        if world.main:  # record any override given on resume (e.g. a later trainer.max_steps)
+            (run_dir / "recipe.yaml").write_text(recipe.dump())
+        return latest
+    if (run_dir / "recipe.yaml").exists() and not overwrite:
+        raise CheckpointError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    if world.main:
+        if overwrite and run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(recipe.dump())
+    distributed.barrier(world)
+    return None

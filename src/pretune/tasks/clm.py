@@ -1,0 +1,93 @@
+"""Causal (next-token) language modelling, GPT-style.
+
+Radford et al. 2018/2019: a decoder with causal self-attention predicts every token from the
+ones before it.  On a packed block ``x_1..x_T`` (documents joined by ``<eos>``):
+
+    L_CLM = - sum_{t=1}^{T-1} log p(x_{t+1} | x_1..x_t)
+
+Validation reports the mean token loss and the perplexity ``exp(L_CLM / (T-1))``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from pretune.backbones.transformers import TransformerConfig, build_model
+from pretune.data.text import TextData
+from pretune.errors import RecipeError
+from pretune.recipe import DataConfig, Section
+from pretune.trainer.flops import transformer_training_flops
+from pretune.registry import TASKS
+from pretune.tasks.common import save_hf, special_ids, stack_rows, text_data
+
+
+class CLMConfig(Section):
+    name: Literal["clm"] = "clm"
+
+
+class CausalLM(nn.Module):
+    """A decoder with its language-modelling head; ``forward`` returns summed token losses."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.head = model.get_output_embeddings()
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        input_ids = batch["input_ids"]
+        hidden = self.model.base_model(input_ids=input_ids[:, :-1]).last_hidden_state
+        logits = self.head(hidden).float().flatten(0, 1)
+        targets = input_ids[:, 1:].flatten()
+        return {
+            "clm": F.cross_entropy(logits, targets, reduction="sum"),
+            "clm_correct": (logits.argmax(-1) == targets).sum(),
+        }
+
+
+@TASKS.register("clm")
+class CausalLMTask:
+    Config = CLMConfig
+    family = "decoder"
+    losses = ("clm",)
+    perplexity = ("clm",)
+
+    def __init__(self, cfg: CLMConfig, seed: int = 0):
+        self.cfg = cfg
+        self.seed = seed
+
+    def data(self, data_cfg: DataConfig, tokenizer_path: str | None = None) -> TextData:
+        return text_data(data_cfg, family="decoder", nsp=False, seed=self.seed, tokenizer_path=tokenizer_path)
+
+    def build(self, backbone: TransformerConfig, data: TextData) -> CausalLM:
+        if not backbone.path and backbone.name == "bert":
+            raise RecipeError("recipe key 'backbone.name': causal LM needs a decoder (gpt2 or llama), not bert")
+        model = build_model(
+            backbone, AutoModelForCausalLM, vocab_size=len(data.tokenizer), special=special_ids(data.tokenizer),
+            max_positions=len(data.train[0]["input_ids"]),
+        )
+        return CausalLM(model)
+
+    def collate(self, rows: dict[str, list], seeds: list[int]) -> dict[str, torch.Tensor]:
+        return stack_rows(rows)
+
+    def units(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        batch_size, length = batch["input_ids"].shape
+        tokens = torch.tensor(batch_size * (length - 1))
+        return {"clm": tokens, "clm_correct": tokens}
+
+    def tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["input_ids"].numel())
+
+    def flops(self, module: CausalLM, batch: dict[str, torch.Tensor]) -> float:
+        ids = batch["input_ids"]
+        predicted = ids.shape[0] * (ids.shape[1] - 1)
+        return transformer_training_flops(module.model.config, predicted, ids.shape[1] - 1, predicted)
+
+    def save(self, module: CausalLM, path: Path, data: TextData) -> None:
+        save_hf(module.model, data.tokenizer, path, {"task": "clm", "family": self.family})

@@ -1,0 +1,1 @@
+"""The one trainer: :func:`pretune.trainer.loop.fit` runs any task on any backbone."""

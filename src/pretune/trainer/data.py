@@ -1,0 +1,84 @@
+"""Batches whose content is a pure function of (seed, epoch, position).
+
+The order of examples in an epoch is a seeded permutation; every example also gets its own seed
+(for masking, augmentation, corruption) derived from (seed, epoch, index).  So a run resumed at
+any step sees exactly the batches the uninterrupted run would have seen, and the same global
+batch split over 2 ranks (or 4 accumulation steps) holds exactly the same examples.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+EVAL_EPOCH = -1  # examples are seeded with this epoch during evaluation: same masks every time
+
+
+def mix(*values: int) -> int:
+    """A 63-bit seed from several integers (splitmix64 steps), stable across runs and machines."""
+    state = 0x9E3779B97F4A7C15
+    for value in values:
+        state = (state ^ (value & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        state = (state ^ (state >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        state ^= state >> 29
+    return state & 0x7FFFFFFFFFFFFFFF
+
+
+def batch_order(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1, shuffle: bool = True) -> list[list[int]]:
+    """This rank's micro-batches (lists of example indices) for one epoch.
+
+    The tail that does not fill a whole global batch (``batch_size * world``) is dropped, so all
+    ranks run the same number of steps.
+    """
+    if shuffle:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(mix(seed, epoch))).tolist()
+    else:
+        order = list(range(n))
+    global_batch = batch_size * world
+    order = order[: n // global_batch * global_batch]
+    mine = order[rank::world]
+    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+def eval_order(n: int, batch_size: int, rank: int = 0, world: int = 1, limit: int | None = None) -> list[list[int]]:
+    """Sequential batches over the whole evaluation set (nothing dropped), dealt out to ranks."""
+    batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+    if limit is not None:
+        batches = batches[:limit]
+    return batches[rank::world]
+
+
+class Batches(Dataset):
+    """Item ``i`` is the collated micro-batch ``batches[i]``; collation runs in loader workers."""
+
+    def __init__(self, dataset: Any, task: Any, batches: list[list[int]], seed: int, epoch: int):
+        self.dataset, self.task, self.batches, self.seed, self.epoch = dataset, task, batches, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        indices = self.batches[i]
+        rows = self.dataset[indices]
+        seeds = [mix(self.seed, self.epoch, index) for index in indices]
+        return self.task.collate(rows, seeds)
+
+
+def loader(dataset: Any, task: Any, batches: list[list[int]], seed: int, epoch: int, workers: int, pin: bool) -> DataLoader:
+    return DataLoader(
+        Batches(dataset, task, batches, seed, epoch), batch_size=None, shuffle=False,
+        num_workers=workers, pin_memory=pin, persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+    )
+
+
+def windows(batches: Iterator[dict[str, torch.Tensor]], size: int) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """Group micro-batches into accumulation windows; an incomplete last window is dropped."""
+    window: list[dict[str, torch.Tensor]] = []
+    for batch in batches:
+        window.append(batch)
+        if len(window) == size:
+            yield window
+            window = []

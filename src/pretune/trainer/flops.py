@@ -1,0 +1,43 @@
+"""Model FLOPs and the hardware peak they are compared with (model-FLOPs utilisation, MFU).
+
+Training FLOPs of a transformer per token follow Kaplan et al. 2020 / PaLM (Chowdhery et al.
+2022, appendix B): ``6 N`` for the weight matmuls of the forward and backward passes, plus
+``12 L H T`` for attention scores and values, where N counts non-embedding parameters.  The
+output projection (``H x V``) costs ``6 H V`` per *predicted* token, so MLM counts it only at
+masked positions.  The peak is measured, not looked up: the best rate of a large GEMM in the
+training precision on this machine, in this process.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def transformer_training_flops(config, tokens: int, seq_len: int, predicted: int) -> float:
+    hidden = config.hidden_size
+    layers = config.num_hidden_layers
+    inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    gated = getattr(config, "model_type", "") in ("llama", "mistral", "qwen2")
+    per_layer = 4 * hidden * hidden + (3 if gated else 2) * hidden * inner
+    attention = 12 * layers * hidden * seq_len  # per token, forward + backward
+    return 6.0 * layers * per_layer * tokens + attention * tokens + 6.0 * hidden * config.vocab_size * predicted
+
+
+def measure_peak(dtype: torch.dtype, device: torch.device, size: int = 2048, seconds: float = 0.5) -> float:
+    """Best observed FLOP/s of a ``size x size`` matmul in ``dtype`` on ``device``."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    best = 0.0
+    end = time.perf_counter() + seconds
+    a @ b  # warm-up
+    while time.perf_counter() < end:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * size**3 / (time.perf_counter() - start))
+    return best

@@ -1,0 +1,219 @@
+"""The one training loop, for every task and backbone.  Read it top to bottom.
+
+Each optimizer step takes one *window* of ``accumulate`` micro-batches.  Every loss term is a
+sum over units (masked tokens, examples...) divided by the number of units in the whole window
+on all ranks, so accumulation and DDP give exactly the gradient of one large batch.  Randomness
+inside the step (dropout) is reseeded from (seed, step, micro-batch, rank), and data is a pure
+function of (seed, epoch, position): resuming from a checkpoint replays the same run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from pretune.errors import TrainingError
+from pretune.recipe import Recipe
+from pretune.trainer import checkpoint, data as batching, distributed
+from pretune.trainer.flops import measure_peak
+from pretune.trainer.logging import RunLogger
+from pretune.trainer.optim import build_optimizer, build_schedule, param_groups
+from pretune.trainer.precision import autocast, resolve
+
+
+@dataclass
+class Progress:
+    """Everything besides weights and optimizer that a resumed run needs (saved in ``state.pt``)."""
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0  # micro-batches of this epoch already consumed (this rank)
+    tokens: int = 0  # tokens seen, all ranks
+    elapsed: float = 0.0  # training seconds before this process started
+    last_eval: dict[str, float] = field(default_factory=dict)
+
+
+def fit(task: Any, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path, world: distributed.World,
+        resume_from: Path | None = None) -> dict[str, float]:
+    cfg = recipe.trainer
+    device = world.device
+    precision = resolve(cfg.precision, device)
+    module.to(device)
+
+    steps_per_epoch = len(batching.batch_order(len(data.train), cfg.batch_size, recipe.seed, 0, world.rank, world.size)) // cfg.accumulate
+    if steps_per_epoch == 0:
+        raise TrainingError(
+            f"{len(data.train)} training examples do not fill one step of batch_size {cfg.batch_size} x accumulate "
+            f"{cfg.accumulate} x {world.size} process(es); lower trainer.batch_size or add data"
+        )
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+    optimizer = build_optimizer(param_groups(module.named_parameters(), cfg.weight_decay, cfg.lr), cfg, device)
+    scheduler = build_schedule(optimizer, cfg, total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 only; bf16 needs no scaling
+    progress = Progress()
+    if resume_from is not None:
+        state = checkpoint.load_state(resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state.get("scaler", {}))
+        progress = Progress(**state["progress"])
+
+    model: nn.Module = DistributedDataParallel(module) if world.distributed else module
+    if cfg.compile:
+        model = torch.compile(model)
+
+    log = RunLogger(run_dir, world.main, total_steps, progress.step, cfg.progress, cfg.tensorboard)
+    peak = measure_peak(torch.bfloat16 if precision == "bf16" else torch.float32, device) if world.main else 0.0
+    total, trainable = sum(p.numel() for p in module.parameters()), sum(p.numel() for p in module.parameters() if p.requires_grad)
+    log.print(
+        f"training {type(module).__name__}: {total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable), "
+        f"{len(data.train)} examples, {steps_per_epoch} steps/epoch, {total_steps} steps, precision {precision}, "
+        f"{world.size} process(es), GEMM peak {peak / 1e9:.0f} GFLOP/s"
+        + (f", resuming at step {progress.step}" if progress.step else "")
+    )
+
+    def save(final: bool = False) -> None:
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                 "progress": vars(progress) | {"elapsed": progress.elapsed + time.perf_counter() - started}}
+        if world.main:
+            checkpoint.save_checkpoint(run_dir, progress.step, lambda path: task.save(module, path, data), state, cfg.keep_last)
+            if final:
+                checkpoint.write_atomically(run_dir / "model", lambda path: task.save(module, path, data))
+        distributed.barrier(world)
+
+    if progress.step == 0 and data.validation is not None:  # the "before" point of every curve
+        log.log(0, "validation", evaluate(task, module, data.validation, recipe, world, precision))
+    started = time.perf_counter()
+    window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, torch.Tensor] = {}
+    while progress.step < total_steps:
+        order = batching.batch_order(len(data.train), cfg.batch_size, recipe.seed, progress.epoch, world.rank, world.size)
+        order = order[: steps_per_epoch * cfg.accumulate]
+        batches = batching.loader(data.train, task, order[progress.position:], recipe.seed, progress.epoch,
+                                  recipe.data.num_workers, pin=device.type == "cuda")
+        for window in batching.windows(iter(batches), cfg.accumulate):
+            # 1. how many units each loss term has in this window, over all ranks
+            units = _sum_dicts(task.units(batch) for batch in window)
+            units = {k: distributed.all_reduce_sum(v.to(device, torch.float32), world).clamp_(min=1) for k, v in units.items()}
+
+            # 2. forward and backward on each micro-batch; sync gradients on the last one only
+            module.train()
+            optimizer.zero_grad(set_to_none=True)
+            for i, batch in enumerate(window):
+                window_tokens += task.tokens(batch) * world.size
+                window_flops += task.flops(module, batch) * world.size
+                torch.manual_seed(batching.mix(recipe.seed, progress.step, i, world.rank))
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                sync = i == len(window) - 1 or not world.distributed
+                with (contextlib.nullcontext() if sync else model.no_sync()), autocast(precision, device):
+                    out = model(batch)
+                    loss = sum(out[k] / units[k] for k in task.losses) * world.size
+                scaler.scale(loss).backward()
+                for k, v in out.items():
+                    sums[k] = sums.get(k, 0) + v.detach().float()
+
+            for k, v in units.items():
+                counts[k] = counts.get(k, 0) + v
+
+            # 3. clip, check, step
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.clip if cfg.clip else float("inf"))
+            if not scaler.is_enabled() and not torch.isfinite(grad_norm):
+                raise TrainingError(
+                    f"non-finite gradient norm at step {progress.step + 1} (loss {float(loss):.4g}); "
+                    f"the last checkpoint in {run_dir / 'checkpoints'} is intact; try a lower trainer.lr or trainer.precision=fp32"
+                )
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            progress.step += 1
+            progress.position += len(window)
+
+            # 4. log, evaluate, save
+            if progress.step % cfg.log_every == 0 or progress.step == total_steps:
+                elapsed = time.perf_counter() - window_start
+                values = {k: float(distributed.all_reduce_sum(sums[k].clone(), world) / counts[k]) for k in sums}
+                values = _name_metrics(values, task)
+                values.update(lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
+                              tokens_per_s=window_tokens / elapsed, mfu=window_flops / elapsed / peak if peak else 0.0)
+                progress.tokens += window_tokens
+                log.log(progress.step, "train", values)
+                log.progress(progress.step, {"loss": values.get("loss", float("nan")), "tok/s": round(values["tokens_per_s"]),
+                                             "mfu": f"{values['mfu']:.1%}"})
+                sums, counts = {}, {}
+                window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
+            if data.validation is not None and (progress.step % cfg.eval_every == 0 or progress.step == total_steps):
+                progress.last_eval = evaluate(task, module, data.validation, recipe, world, precision)
+                log.log(progress.step, "validation", progress.last_eval)
+            if progress.step % cfg.save_every == 0 and progress.step < total_steps:
+                save()
+            if progress.step >= total_steps:
+                break
+        else:  # the epoch ran out before the last step
+            progress.epoch += 1
+            progress.position = 0
+
+    save(final=True)
+    log.print(f"done: {progress.step} steps in {progress.elapsed + time.perf_counter() - started:.1f}s; model saved to {run_dir / 'model'}")
+    log.close()
+    return progress.last_eval
+
+
+@torch.no_grad()
+def evaluate(task: Any, module: nn.Module, dataset: Any, recipe: Recipe, world: distributed.World, precision: str) -> dict[str, float]:
+    """Mean of every summed value over the whole evaluation set (sharded over ranks, then reduced)."""
+    module.eval()
+    cfg = recipe.trainer
+    order = batching.eval_order(len(dataset), cfg.batch_size, world.rank, world.size, cfg.eval_batches)
+    sums: dict[str, torch.Tensor] = {}
+    for batch in batching.loader(dataset, task, order, recipe.seed, batching.EVAL_EPOCH, recipe.data.num_workers, False):
+        units = task.units(batch)
+        batch = {k: v.to(world.device) for k, v in batch.items()}
+        with autocast(precision, world.device):
+            out = module(batch)
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0) + v.float()
+            sums["#" + k] = sums.get("#" + k, 0) + units[k].to(world.device, torch.float32)
+    keys = sorted(sums)
+    if not keys:
+        return {}
+    reduced = distributed.all_reduce_sum(torch.stack([torch.as_tensor(sums[k], device=world.device) for k in keys]), world)
+    totals = dict(zip(keys, reduced.tolist()))
+    means = {k: totals[k] / max(totals["#" + k], 1.0) for k in keys if not k.startswith("#")}
+    module.train()
+    return _name_metrics(means, task)
+
+
+def _sum_dicts(dicts: Any) -> dict[str, torch.Tensor]:
+    total: dict[str, torch.Tensor] = {}
+    for d in dicts:
+        for k, v in d.items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
+def _name_metrics(means: dict[str, float], task: Any) -> dict[str, float]:
+    """``{"mlm": 2.1, "mlm_correct": 0.4}`` -> ``{"loss": ..., "mlm_loss": 2.1, "mlm_accuracy": 0.4, ...}``."""
+    named: dict[str, float] = {}
+    if all(k in means for k in task.losses):
+        named["loss"] = sum(means[k] for k in task.losses)
+    for key, value in means.items():
+        if key.endswith("_correct"):
+            named[key[: -len("_correct")] + "_accuracy"] = value
+        elif key in task.losses:
+            named[f"{key}_loss"] = value
+            if key in getattr(task, "perplexity", ()):
+                named[f"{key}_perplexity"] = math.exp(min(value, 50.0))
+        else:
+            named[key] = value
+    return named

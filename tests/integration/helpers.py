@@ -1,0 +1,35 @@
+"""Tiny end-to-end settings: a 1-layer, 32-wide model on 300 documents of the embedded corpus."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+TINY = [
+    "data.max_documents=300", "data.block_size=32", "data.validation=0.1", "data.tokenizer.vocab_size=400",
+    "backbone.size=tiny", "backbone.config.hidden_size=32", "backbone.config.num_hidden_layers=1",
+    "backbone.config.num_attention_heads=2", "backbone.config.intermediate_size=64",
+    "trainer.batch_size=8", "trainer.log_every=2", "trainer.eval_every=4", "trainer.eval_batches=2",
+    "trainer.progress=false", "trainer.tensorboard=false", "trainer.precision=fp32",
+]
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+       "OMP_NUM_THREADS": "1"}
+
+
+def pretune(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pretune", *args], env=ENV, capture_output=True, text=True,
+                          check=False, **kwargs) if not check else _checked([sys.executable, "-m", "pretune", *args], **kwargs)
+
+
+def _checked(cmd, **kwargs):
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, **kwargs)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(model_dir) / "model.safetensors"))

@@ -1,0 +1,32 @@
+"""Two CPU processes under torchrun give the same model as one process with the same global batch."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.integration.helpers import ENV, TINY, pretune, weights
+
+COMMON = [*TINY, "trainer.max_steps=6", "trainer.precision=fp32", "trainer.lr=2e-3",
+          "backbone.config.hidden_dropout_prob=0.0", "backbone.config.attention_probs_dropout_prob=0.0"]
+
+
+def test_ddp_two_processes_equals_single_process(tmp_path):
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    pretune("pretrain", "recipes/text-mlm.yaml", f"run_dir={single}", *COMMON, "trainer.batch_size=8")
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         "-m", "pretune", "pretrain", "recipes/text-mlm.yaml", f"run_dir={ddp}", *COMMON, "trainer.batch_size=4"],
+        env=ENV, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = weights(single / "model"), weights(ddp / "model")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=f"{name} differs")
+    losses = [[r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
+              for run in (single, ddp)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)  # the same global loss at every logged step
+    assert losses[0][-1] < losses[0][0]  # and training moved the weights
