@@ -25,10 +25,10 @@ def demo_recipe(run_dir: str, steps: int | None):
     overrides = [
         f"run_dir={run_dir}", "task=mlm", "backbone.name=bert", "backbone.size=tiny",
         "data.block_size=128", "data.validation=0.05", "data.tokenizer.vocab_size=6000", "data.tokenizer.lowercase=true",
-        "trainer.lr=1e-3", "trainer.batch_size=32", "trainer.warmup=0.05", "trainer.eval_every=100",
+        "trainer.lr=3e-3", "trainer.batch_size=32", "trainer.warmup=0.05", "trainer.eval_every=100",
         "trainer.eval_batches=20", "trainer.save_every=100", "trainer.log_every=10",
     ]
-    overrides.append(f"trainer.max_steps={steps}" if steps else "trainer.epochs=4")
+    overrides.append(f"trainer.max_steps={steps}" if steps else "trainer.epochs=8")
     return load_recipe(None, overrides)
 
 

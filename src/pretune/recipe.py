@@ -94,8 +94,13 @@ class Recipe(Section):
 
     @field_validator("task", "backbone", mode="before")
     @classmethod
-    def _name_only(cls, value: Any) -> Any:
-        return {"name": value} if isinstance(value, str) else value
+    def _named(cls, value: Any, info: Any) -> Any:
+        """``task: mlm`` is short for ``task: {name: mlm}``; a section without a name gets the default one."""
+        if isinstance(value, str):
+            value = {"name": value}
+        if isinstance(value, dict) and "name" not in value:
+            value = {"name": cls.model_fields[info.field_name].default["name"], **value}
+        return value
 
     def section(self, key: Literal["task", "backbone"], config_class: type[BaseModel]) -> Any:
         """Validate the open ``task``/``backbone`` section with the class that owns it."""

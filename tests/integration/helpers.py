@@ -1,4 +1,4 @@
-"""Tiny end-to-end settings: a 1-layer, 32-wide model on 300 documents of the embedded corpus."""
+"""Tiny end-to-end settings: a 1-layer, 32-wide model (``nano``) on 300 documents of the embedded corpus."""
 
 import os
 import subprocess
@@ -10,8 +10,7 @@ from safetensors.torch import load_file
 
 TINY = [
     "data.max_documents=300", "data.block_size=32", "data.validation=0.1", "data.tokenizer.vocab_size=400",
-    "backbone.size=tiny", "backbone.config.hidden_size=32", "backbone.config.num_hidden_layers=1",
-    "backbone.config.num_attention_heads=2", "backbone.config.intermediate_size=64",
+    "backbone.size=nano",
     "trainer.batch_size=8", "trainer.log_every=2", "trainer.eval_every=4", "trainer.eval_batches=2",
     "trainer.progress=false", "trainer.tensorboard=false", "trainer.precision=fp32",
 ]

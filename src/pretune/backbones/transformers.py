@@ -21,6 +21,7 @@ from pretune.registry import BACKBONES
 
 # Layers, hidden size, heads.  Feed-forward width is 4x hidden, as in BERT and GPT-2.
 SIZES: dict[str, tuple[int, int, int]] = {
+    "nano": (1, 32, 2),  # for smoke tests: trains in seconds, learns little
     "tiny": (2, 128, 2),
     "mini": (4, 256, 4),
     "small": (4, 512, 8),
@@ -32,7 +33,7 @@ FAMILIES: dict[str, str] = {"bert": "encoder", "gpt2": "decoder", "llama": "deco
 
 class TransformerConfig(Section):
     name: str = "bert"  # bert | gpt2 | llama (fresh), or "hf" with a path
-    size: Literal["tiny", "mini", "small", "base"] = "tiny"
+    size: Literal["nano", "tiny", "mini", "small", "base"] = "tiny"
     path: str | None = None  # local Hugging Face checkpoint folder to start from
     config: dict[str, Any] = {}  # extra Hugging Face config fields, e.g. {hidden_dropout_prob: 0.0}
     attention: Literal["sdpa", "eager"] = "sdpa"
@@ -104,7 +105,9 @@ def build_model(cfg: TransformerConfig, auto_class: Any, *, vocab_size: int, spe
         return model
     config = fresh_config(cfg, vocab_size, special, max_positions)
     config._attn_implementation = cfg.attention
-    return auto_class.from_config(config, attn_implementation=cfg.attention)
+    if hasattr(auto_class, "from_config"):  # Auto* classes
+        return auto_class.from_config(config, attn_implementation=cfg.attention)
+    return auto_class(config)  # a concrete class such as BertForPreTraining
 
 
 @BACKBONES.register("transformer")

@@ -1,0 +1,1 @@
+"""Data: read corpora, train tokenizers, pack token blocks; the embedded default corpus."""

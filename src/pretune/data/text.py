@@ -1,0 +1,320 @@
+"""Text corpora for language-model pretraining: read, split, tokenize, pack.
+
+    data = build_text_data(recipe.data, family="encoder", nsp=False, seed=0)
+    data.train[0]["input_ids"]   # block_size ids: [CLS] doc1 ... [SEP] doc2 ...
+
+The flow is four plain functions: :func:`load_documents` (files -> one row per document),
+:func:`~pretune.data.tokenizer.get_tokenizer` (load or train), :func:`pack_blocks` (documents ->
+full fixed-length blocks, no padding) or :func:`~pretune.data.nsp.sentence_pair_blocks` (BERT's
+sentence pairs).  Everything stays in memory-mapped Arrow files written by ``datasets``, so a
+corpus larger than RAM works; maps are cached and reused when inputs are unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import datasets
+import numpy as np
+import pyarrow.compute as pc
+import transformers
+from datasets.fingerprint import Hasher
+
+from pretune.data.builtin import load_stdlib_docstrings
+from pretune.data.files import check_file, describe, find_bad_json_line, resolve_files, signature
+from pretune.data.nsp import sentence_pair_blocks
+from pretune.data.tokenizer import get_tokenizer, tokenizer_fingerprint
+from pretune.errors import DataError, PretuneError
+from pretune.recipe import DataConfig
+
+__all__ = ["TextData", "build_text_data", "get_tokenizer", "load_documents", "pack_blocks", "sentence_pair_blocks"]
+
+BUILDERS = {"text": "text", "jsonl": "json", "csv": "csv", "parquet": "parquet"}
+TEXT_FEATURES = datasets.Features({"text": datasets.Value("string")})
+IDS_FEATURES = datasets.Features({"input_ids": datasets.List(datasets.Value("int32"))})
+PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n")
+
+
+@dataclass
+class TextData:
+    """What a language-modelling task trains on."""
+
+    train: datasets.Dataset  # packed blocks (column input_ids) or sentence pairs (see nsp.py)
+    validation: datasets.Dataset | None
+    tokenizer: transformers.PreTrainedTokenizerFast
+    documents: int  # documents read (train + validation)
+    tokens: int  # tokens in the train blocks (real tokens, not padding)
+
+
+# ---------------------------------------------------------------------------- documents
+
+
+def load_documents(cfg: DataConfig) -> datasets.Dataset:
+    """One row per non-empty document, column ``text``, from ``cfg.files`` (or the embedded corpus).
+
+    ``cfg.files`` lists files, folders (read recursively) and globs.  The format follows the
+    suffix unless ``cfg.format`` is set: ``.txt .text .md`` are plain text where each
+    blank-line-separated paragraph is a document; ``.jsonl .json .csv .parquet`` hold one document
+    per row in ``cfg.column``.  ``.gz`` compression works for text, JSON lines and CSV.
+    With ``cfg.streaming`` the files are read as a stream and written to Arrow incrementally.
+    Documents are stripped, empty ones dropped, and at most ``cfg.max_documents`` kept (the first).
+    """
+    if cfg.files is None:
+        documents = load_stdlib_docstrings().select_columns(["text"])
+        return documents.select(range(min(cfg.max_documents or len(documents), len(documents))))
+    files = resolve_files(cfg.files, cfg.format)
+    for path, fmt in files:
+        check_file(path, fmt, cfg.column)
+    runs = [(fmt, [path for path, _ in group]) for fmt, group in itertools.groupby(files, key=lambda pf: pf[1])]
+    if cfg.streaming:
+        documents = _stream_documents(runs, cfg)
+    else:
+        parts = [_read_run(paths, fmt, cfg) for fmt, paths in runs]
+        documents = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+        if cfg.max_documents is not None and len(documents) > cfg.max_documents:
+            documents = documents.select(range(cfg.max_documents))
+    if len(documents) == 0:
+        raise DataError(f"{describe([path for path, _ in files])}: no non-empty document")
+    return documents
+
+
+def _open_run(paths: list[str], fmt: str, cache_dir: str | None, streaming: bool) -> Any:
+    """``datasets.load_dataset`` over files of one format, with one-line errors."""
+    options = {"sample_by": "paragraph"} if fmt == "text" else {}
+    try:
+        with _quiet_datasets():
+            return datasets.load_dataset(
+                BUILDERS[fmt], data_files=[os.path.abspath(p) for p in paths], split="train",
+                cache_dir=cache_dir, streaming=streaming, **options,
+            )
+    except Exception as exc:  # datasets wraps pyarrow / pandas errors in DatasetGenerationError
+        raise _read_error(paths, fmt, exc) from None
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """Silence datasets' own log lines about a failed file: the DataError we raise says it in one line."""
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(level)
+
+
+def _read_error(paths: list[str], fmt: str, exc: BaseException) -> PretuneError:
+    """The most precise one-line error for a failed read: ours if raised inside, else the cause."""
+    causes = [exc]
+    while (inner := causes[-1].__cause__ or causes[-1].__context__) is not None and inner not in causes:
+        causes.append(inner)
+    for cause in causes:
+        if isinstance(cause, PretuneError):
+            return cause
+    if fmt == "jsonl":
+        for path in paths:
+            try:
+                find_bad_json_line(path)
+            except DataError as bad:
+                return bad
+    lines = str(causes[-1]).strip().splitlines()
+    reason = f"{type(causes[-1]).__name__}: {lines[0]}" if lines else type(causes[-1]).__name__
+    return DataError(f"{describe(paths)}: cannot read as {fmt}: {reason}")
+
+
+def _text_column(paths: list[str], fmt: str, column: str, features: datasets.Features | None) -> str:
+    column = "text" if fmt == "text" else column
+    if features is None:  # a stream whose schema is unknown until read: checked row by row
+        return column
+    if column not in features:
+        shown = ", ".join(map(repr, features))
+        raise DataError(f"{describe(paths)}: no column {column!r}; columns are {shown} (set data.column)")
+    feature = features[column]
+    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+        raise DataError(f"{describe(paths)}: column {column!r} holds {feature}, not text")
+    return column
+
+
+def _split_documents(texts: list[Any], paragraphs: bool) -> list[str]:
+    """Stripped non-empty documents; text files are further split at blank lines."""
+    out = []
+    for text in texts:
+        if not isinstance(text, str):
+            continue  # null cells
+        parts = PARAGRAPH_BREAK.split(text) if paragraphs else [text]
+        out.extend(part.strip().lstrip("\ufeff").strip() for part in parts)
+    return [text for text in out if text]
+
+
+def _clean_batch(batch: dict[str, list], column: str, paragraphs: bool) -> dict[str, list]:
+    return {"text": _split_documents(batch[column], paragraphs)}
+
+
+def _read_run(paths: list[str], fmt: str, cfg: DataConfig) -> datasets.Dataset:
+    raw = _open_run(paths, fmt, cfg.cache_dir, streaming=False)
+    column = _text_column(paths, fmt, cfg.column, raw.features)
+    return raw.map(
+        _clean_batch, batched=True, remove_columns=raw.column_names, features=TEXT_FEATURES,
+        fn_kwargs={"column": column, "paragraphs": fmt == "text"}, desc="Reading documents",
+    )
+
+
+def _stream_documents(runs: list[tuple[str, list[str]]], cfg: DataConfig) -> datasets.Dataset:
+    """Read the files as a stream and write the documents to Arrow as they come (constant memory)."""
+    spec = json.dumps({
+        "runs": [(fmt, paths, signature(paths)) for fmt, paths in runs], "column": cfg.column,
+        "limit": cfg.max_documents,
+    })
+    paths = [path for _, run in runs for path in run]
+    try:
+        with _quiet_datasets():
+            return datasets.Dataset.from_generator(
+                _generate_documents, features=TEXT_FEATURES, gen_kwargs={"spec": spec}, cache_dir=cfg.cache_dir,
+            )
+    except ValueError as exc:
+        if "corresponds to no data" in str(exc):  # datasets' way of saying the generator yielded nothing
+            raise DataError(f"{describe(paths)}: no non-empty document") from None
+        raise _read_error(paths, runs[0][0], exc) from None
+    except Exception as exc:
+        raise _read_error(paths, runs[0][0], exc) from None
+
+
+def _generate_documents(spec: str):
+    """Generator behind :func:`_stream_documents`; ``spec`` (JSON) also keys the Arrow cache."""
+    spec = json.loads(spec)
+    count = 0
+    for fmt, paths, _stats in spec["runs"]:  # the stats (sizes, times) only key the cache
+        stream = _open_run(paths, fmt, None, streaming=True)
+        column = _text_column(paths, fmt, spec["column"], stream.features)
+        for rows in stream.iter(batch_size=1000):
+            if column not in rows:
+                raise DataError(f"{describe(paths)}: no column {column!r}; columns are {', '.join(map(repr, rows))}")
+            for text in _split_documents(rows[column], paragraphs=fmt == "text"):
+                yield {"text": text}
+                count += 1
+                if spec["limit"] is not None and count >= spec["limit"]:
+                    return
+
+
+def split_documents(documents: datasets.Dataset, fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """Hold out a seeded random ``fraction`` of the documents (at least one); order is kept."""
+    count = len(documents)
+    if fraction <= 0 or count < 2:
+        return documents, None
+    held = min(max(1, round(count * fraction)), count - 1)
+    order = np.random.default_rng(seed).permutation(count)
+    return documents.select(np.sort(order[held:])), documents.select(np.sort(order[:held]))
+
+
+# ---------------------------------------------------------------------------- blocks
+
+
+def _fingerprint(*parts: Any) -> str:
+    return Hasher.hash([str(part) for part in parts])
+
+
+def _tokenize_batch(batch: dict[str, list], tokenizer: Any, separator: int) -> dict[str, list]:
+    encoded = tokenizer(batch["text"], add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)
+    return {"input_ids": [ids + [separator] if ids else [] for ids in encoded["input_ids"]]}
+
+
+def tokenize_documents(documents: datasets.Dataset, tokenizer: Any, separator: int,
+                       num_proc: int | None = None) -> datasets.Dataset:
+    """Column ``input_ids``: each document's ids followed by ``separator`` (nothing for empty ones)."""
+    return documents.map(
+        _tokenize_batch, batched=True, remove_columns=documents.column_names, features=IDS_FEATURES,
+        fn_kwargs={"tokenizer": tokenizer, "separator": separator}, num_proc=num_proc, desc="Tokenizing",
+        new_fingerprint=_fingerprint("tokenize", documents._fingerprint, tokenizer_fingerprint(tokenizer), separator),
+    )
+
+
+def _cut_blocks(batch: dict[str, list], indices: list[int], source: datasets.Dataset, starts: np.ndarray,
+                piece: int, count: int, prefix: list[int]) -> dict[str, list]:
+    """Blocks that *start* inside this batch of documents; their tails may come from later documents."""
+    first, end = indices[0], indices[-1] + 1
+    low, high = int(starts[first]), int(starts[end])
+    k0, k1 = -(-low // piece), min(-(-high // piece), count)  # blocks k with low <= k*piece < high
+    if k0 >= k1:
+        return {"input_ids": []}
+    stream = list(itertools.chain.from_iterable(batch["input_ids"]))
+    need, following = k1 * piece - low, end
+    while len(stream) < need:  # the last block runs into the next documents
+        stream.extend(itertools.chain.from_iterable(source[following : following + 64]["input_ids"]))
+        following += 64
+    return {"input_ids": [prefix + stream[k * piece - low : (k + 1) * piece - low] for k in range(k0, k1)]}
+
+
+def pack_blocks(documents: datasets.Dataset, tokenizer: Any, block_size: int, family: str,
+                num_proc: int | None = None) -> datasets.Dataset:
+    """Full ``block_size`` blocks of the token stream, no padding (column ``input_ids``).
+
+    decoder: stream = doc1 <eos> doc2 <eos> ..., cut every ``block_size`` tokens.
+    encoder: stream = doc1 [SEP] doc2 [SEP] ..., cut every ``block_size - 1`` tokens, each block
+    prefixed with [CLS].  The final partial block is dropped, nothing else: blocks are exact,
+    consecutive slices of the stream, across document boundaries and map batches.
+    """
+    if family == "encoder":
+        separator, prefix = tokenizer.sep_token_id, [tokenizer.cls_token_id]
+    elif family == "decoder":
+        separator, prefix = tokenizer.eos_token_id, []
+    else:
+        raise ValueError(f"family must be 'encoder' or 'decoder', got {family!r}")
+    tokens = tokenize_documents(documents, tokenizer, separator, num_proc)
+    lengths = pc.list_value_length(tokens.data.column("input_ids")).to_numpy(zero_copy_only=False)
+    starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    piece = block_size - len(prefix)
+    count = int(starts[-1]) // piece
+    if count == 0:
+        raise DataError(
+            f"{len(documents)} documents hold {int(starts[-1])} tokens, fewer than one block of "
+            f"block_size {block_size}: lower data.block_size or add text"
+        )
+    return tokens.map(
+        _cut_blocks, batched=True, with_indices=True, remove_columns=["input_ids"], features=IDS_FEATURES,
+        fn_kwargs={"source": tokens, "starts": starts, "piece": piece, "count": count, "prefix": prefix},
+        num_proc=num_proc, desc="Packing blocks",
+        new_fingerprint=_fingerprint("pack", tokens._fingerprint, block_size, prefix),
+    )
+
+
+# ---------------------------------------------------------------------------- all together
+
+
+def build_text_data(cfg: DataConfig, *, family: str, nsp: bool, seed: int) -> TextData:
+    """Documents -> train / validation split -> tokenizer (trained on train only) -> blocks.
+
+    The validation set is ``cfg.validation_files`` if given, else a seeded ``cfg.validation``
+    fraction of the documents (at least one when the fraction is positive), else None.
+    ``nsp`` gives BERT sentence pairs (:func:`sentence_pair_blocks`) instead of packed blocks.
+    """
+    documents = load_documents(cfg)
+    if cfg.validation_files:
+        train = documents
+        validation = load_documents(cfg.model_copy(update={"files": cfg.validation_files}))
+    else:
+        train, validation = split_documents(documents, cfg.validation, seed)
+    tokenizer = get_tokenizer(cfg.tokenizer, train, family)
+
+    def blocks(docs: datasets.Dataset) -> datasets.Dataset:
+        if nsp:
+            return sentence_pair_blocks(docs, tokenizer, cfg.block_size, seed)
+        return pack_blocks(docs, tokenizer, cfg.block_size, family)
+
+    train_blocks = blocks(train)
+    validation_blocks = None
+    if validation is not None:
+        try:
+            validation_blocks = blocks(validation)
+        except DataError as exc:
+            raise DataError(f"validation set: {exc}; or set data.validation=0") from None
+    mask = train_blocks.data.column("attention_mask") if nsp else None
+    tokens = int(pc.sum(pc.list_flatten(mask)).as_py()) if nsp else len(train_blocks) * cfg.block_size
+    return TextData(
+        train=train_blocks, validation=validation_blocks, tokenizer=tokenizer,
+        documents=len(train) + (len(validation) if validation is not None else 0), tokens=tokens,
+    )

@@ -1,0 +1,1 @@
+"""Evaluation of fine-tuned models: metrics as pure functions on arrays and lists (see ``metrics``)."""
