@@ -8,6 +8,7 @@ Workloads (from the issue): MLM on BERT L4/H256/A4, seq 128, batch 32, against t
 L4/H256/A4, seq 256, against the Trainer's defaults.  Each contender runs in its own subprocess;
 contenders alternate, several repetitions, and the report gives medians and min-max.  Throughput
 is measured between the end of warm-up step W and the last step (steady state, no start-up).
+Quality at equal steps: the mean training loss over the last quarter of the steps of each contender.
 MFU = model FLOPs (same formula for both contenders: 6N per token + attention + output projection
 at the positions that carry a loss) / time / GEMM peak measured in this run.
 """
@@ -75,7 +76,7 @@ def run_pretune(workload: str, data_dir: Path, steps: int, warmup: int, precisio
     train = [r for r in rows if r["split"] == "train"]
     seconds = train[-1]["time"] - train[warmup - 1]["time"]
     tokens = (steps - warmup) * w["batch"] * w["block"]
-    return {"seconds": seconds, "tokens_per_s": tokens / seconds, "final_loss": train[-1]["loss"],
+    return {"seconds": seconds, "tokens_per_s": tokens / seconds, "final_loss": tail_mean([r["loss"] for r in train]),
             "mfu_logged": statistics.median(r["mfu"] for r in train[warmup:])}
 
 
@@ -112,14 +113,20 @@ def run_hf(workload: str, data_dir: Path, steps: int, warmup: int, precision: st
         args = transformers.TrainingArguments(
             output_dir=tmp, per_device_train_batch_size=w["batch"], max_steps=steps, learning_rate=5e-4,
             warmup_steps=max(1, steps // 10), lr_scheduler_type="cosine", weight_decay=0.01, save_strategy="no",
-            logging_steps=max(1, steps - 1), report_to="none", disable_tqdm=True, use_cpu=True, bf16=precision == "bf16",
+            logging_steps=1, report_to="none", disable_tqdm=True, use_cpu=True, bf16=precision == "bf16",
             dataloader_num_workers=0, seed=0,
         )
         trainer = transformers.Trainer(model=model, args=args, train_dataset=blocks, data_collator=collator, callbacks=[Clock()])
         trainer.train()
     seconds = times[-1] - times[warmup - 1]
     tokens = (steps - warmup) * w["batch"] * w["block"]
-    return {"seconds": seconds, "tokens_per_s": tokens / seconds, "final_loss": losses[-1] if losses else float("nan")}
+    return {"seconds": seconds, "tokens_per_s": tokens / seconds, "final_loss": tail_mean(losses)}
+
+
+def tail_mean(losses: list[float]) -> float:
+    """Mean training loss over the last quarter of the steps: the quality check at equal steps."""
+    tail = losses[-max(1, len(losses) // 4):]
+    return sum(tail) / len(tail)
 
 
 def model_flops_per_step(workload: str, vocab: int) -> float:
