@@ -55,7 +55,7 @@ def build_data(workload: str, cache: Path) -> Path:
     if (out / "blocks").exists():
         return out
     recipe = load_recipe(None, model_overrides(WORKLOADS[workload]))
-    data = build_task(recipe).data(recipe.data)
+    data = build_task(recipe).data()
     data.train.save_to_disk(str(out / "blocks"))
     data.tokenizer.save_pretrained(str(out / "tokenizer"))
     return out

@@ -7,7 +7,7 @@ from pretune.recipe import load_recipe
 def test_defaults_and_overrides():
     recipe = load_recipe(None, ["trainer.lr=3e-4", "data.files=corpus/*.txt", "task.mask_prob=0.2", "backbone=gpt2"])
     assert recipe.trainer.lr == 3e-4
-    assert recipe.data.files == ["corpus/*.txt"]
+    assert recipe.data == {"files": "corpus/*.txt"}
     assert recipe.task == {"name": "mlm", "mask_prob": 0.2}
     assert recipe.backbone == {"name": "gpt2"}
 

@@ -12,10 +12,17 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["train", "load_recipe", "PretuneError"]
+__all__ = ["train", "load", "load_recipe", "PretuneError"]
 
 from pretune.errors import PretuneError
 from pretune.recipe import load_recipe
+
+
+def load(path: Any, device: str | None = None):
+    """A fine-tuned model ready to predict; see :class:`pretune.predict.Predictor`."""
+    from pretune.predict import load as _load
+
+    return _load(path, device)
 
 
 def train(*args: Any, **kwargs: Any):

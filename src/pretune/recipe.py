@@ -48,7 +48,6 @@ class DataConfig(Section):
     max_documents: int | None = Field(None, ge=1)
     streaming: bool = False  # read through an iterable dataset (corpora larger than RAM)
     tokenizer: TokenizerConfig = TokenizerConfig()
-    num_workers: int = Field(0, ge=0)
     cache_dir: str | None = None
 
     @field_validator("files", "validation_files")
@@ -70,10 +69,14 @@ class TrainerConfig(Section):
     accumulate: int = Field(1, ge=1)
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1)  # optimizer steps; overrides epochs
+    head_lr: float | None = Field(None, gt=0)  # fine-tuning: learning rate of the new task layers (default: lr)
     clip: float | None = Field(1.0, gt=0)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     compile: bool = False
-    eval_every: int = Field(200, ge=1)
+    workers: int = Field(0, ge=0)  # data-loader worker processes (collation, masking, augmentation)
+    eval_every: int | Literal["epoch"] = 200
+    patience: int | None = Field(None, ge=1)  # stop after this many evaluations without improvement
+    monitor: str = "auto"  # validation metric that picks the best checkpoint; auto: the task's own (loss, accuracy...)
     eval_batches: int | None = Field(None, ge=1)
     log_every: int = Field(10, ge=1)
     save_every: int = Field(500, ge=1)
@@ -87,9 +90,10 @@ class Recipe(Section):
     kind: Literal["pretrain", "finetune"] = "pretrain"
     run_dir: str = "runs/run"
     seed: int = 0
+    strategy: str = "full"  # fine-tuning: full | linear-probe | freeze-bottom:N | gradual-unfreeze | llrd:D | lora:r=R
     task: dict[str, Any] = {"name": "mlm"}
     backbone: dict[str, Any] = {"name": "bert", "size": "tiny"}
-    data: DataConfig = DataConfig()
+    data: dict[str, Any] = {}  # validated by the task's own data config (text corpus, labelled table...)
     trainer: TrainerConfig = TrainerConfig()
 
     @field_validator("task", "backbone", mode="before")
@@ -102,7 +106,7 @@ class Recipe(Section):
             value = {"name": cls.model_fields[info.field_name].default["name"], **value}
         return value
 
-    def section(self, key: Literal["task", "backbone"], config_class: type[BaseModel]) -> Any:
+    def section(self, key: Literal["task", "backbone", "data"], config_class: type[BaseModel]) -> Any:
         """Validate the open ``task``/``backbone`` section with the class that owns it."""
         return validate(config_class, getattr(self, key), prefix=f"{key}.")
 
@@ -153,10 +157,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+ALIASES = {"model": ["backbone", "path"]}  # pretune finetune ... model=runs/mlm/model
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     raw = copy.deepcopy(raw)
     for text in overrides:
         path, value = parse_override(text)
+        path = ALIASES.get(".".join(path), path)
         node = raw
         for part in path[:-1]:
             child = node.get(part)

@@ -13,11 +13,12 @@ from typing import Any
 import torch
 
 from pretune.backbones import backbone_config
-from pretune.errors import CheckpointError
+from pretune.errors import CheckpointError, RecipeError
 from pretune.recipe import Recipe, load_recipe
 from pretune.registry import TASKS
 from pretune.trainer import checkpoint, distributed
 from pretune.trainer.loop import fit
+from pretune.trainer.precision import resolve
 
 import pretune.tasks  # noqa: F401  (registers the built-in tasks)
 
@@ -33,8 +34,15 @@ class RunResult:
 
 
 def build_task(recipe: Recipe) -> Any:
+    """The task named by the recipe, with its own ``task`` and ``data`` sections validated."""
     task_class = TASKS.get(str(recipe.task.get("name", "")))
-    return task_class(recipe.section("task", task_class.Config), seed=recipe.seed)
+    task_cfg, data_cfg = recipe.section("task", task_class.Config), recipe.section("data", task_class.DataConfig)
+    if getattr(task_class, "uses_strategy", False):
+        head_scale = recipe.trainer.head_lr / recipe.trainer.lr if recipe.trainer.head_lr else 1.0
+        return task_class(task_cfg, data_cfg, seed=recipe.seed, strategy=recipe.strategy, head_lr_scale=head_scale)
+    if recipe.strategy != "full":
+        raise RecipeError(f"recipe key 'strategy': {recipe.strategy!r} applies to fine-tuning; pretraining task {task_cfg.name!r} trains everything")
+    return task_class(task_cfg, data_cfg, seed=recipe.seed)
 
 
 def train(recipe: Recipe | str | Path, overrides: list[str] = (), *, resume: bool = False, overwrite: bool = False) -> RunResult:
@@ -53,23 +61,29 @@ def train(recipe: Recipe | str | Path, overrides: list[str] = (), *, resume: boo
     task = build_task(recipe)
     backbone = backbone_config(recipe)
     saved_tokenizer = run_dir / "tokenizer"
-    if resume_from is not None:
-        backbone = backbone.model_copy(update={"path": str(resume_from / "model")})
-        data = task.data(recipe.data, tokenizer_path=str(resume_from / "model"))
-    else:
-        if world.main:  # rank 0 trains the tokenizer; the others load it
-            data = task.data(recipe.data)
-            data.tokenizer.save_pretrained(saved_tokenizer)
-        distributed.barrier(world)
-        if not world.main:
-            data = task.data(recipe.data, tokenizer_path=str(saved_tokenizer))
+    if world.main:  # rank 0 reads the data first (and trains a tokenizer if there is none); the others reuse it
+        data = task.data(tokenizer_path=_tokenizer_source(resume_from, backbone.path, saved_tokenizer))
+        data.tokenizer.save_pretrained(saved_tokenizer)
+    distributed.barrier(world)
+    if not world.main:
+        data = task.data(tokenizer_path=str(saved_tokenizer))
     torch.manual_seed(recipe.seed)
     module = task.build(backbone, data)
+    if resume_from is not None:
+        checkpoint.load_module(resume_from, module)
+    if hasattr(task, "prepare"):  # e.g. a linear probe encodes the data once with the frozen backbone
+        data = task.prepare(module, data, world.device, resolve(recipe.trainer.precision, world.device))
     try:
         metrics = fit(task, module, data, recipe, run_dir, world, resume_from=resume_from)
     finally:
         distributed.shutdown(world)
     return RunResult(run_dir, metrics)
+
+
+def _tokenizer_source(resume_from: Path | None, backbone_path: str | None, saved: Path) -> str | None:
+    if resume_from is not None:
+        return str(saved) if saved.is_dir() else str(resume_from / "model")
+    return backbone_path  # None: train one on the corpus
 
 
 def _prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool, world: distributed.World) -> Path | None:

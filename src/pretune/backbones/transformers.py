@@ -35,6 +35,7 @@ class TransformerConfig(Section):
     name: str = "bert"  # bert | gpt2 | llama (fresh), or "hf" with a path
     size: Literal["nano", "tiny", "mini", "small", "base"] = "tiny"
     path: str | None = None  # local Hugging Face checkpoint folder to start from
+    pretrained: bool = True  # false: the architecture of `path`, randomly initialised (the from-scratch baseline)
     config: dict[str, Any] = {}  # extra Hugging Face config fields, e.g. {hidden_dropout_prob: 0.0}
     attention: Literal["sdpa", "eager"] = "sdpa"
 

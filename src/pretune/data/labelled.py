@@ -53,7 +53,6 @@ class LabelledDataConfig(Section):
     budget: float | int | None = None  # float in (0, 1]: fraction per class; int >= 1: rows per class
     budget_seed: int = 0
     max_length: int = Field(128, ge=8)
-    num_workers: int = Field(0, ge=0)
 
     @field_validator("budget", mode="before")  # before: True is not 1 and 1 is not 1.0
     @classmethod

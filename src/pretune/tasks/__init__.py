@@ -15,4 +15,4 @@ A task is a small object registered by name in :data:`pretune.registry.TASKS`:
 - ``save(module, path, data)``: write ``model/`` as a standard Hugging Face folder (or similar).
 """
 
-from pretune.tasks import clm, mlm  # noqa: F401  (registers the tasks)
+from pretune.tasks import clm, finetune, mlm  # noqa: F401  (registers the tasks)

@@ -53,16 +53,18 @@ class CausalLM(nn.Module):
 @TASKS.register("clm")
 class CausalLMTask:
     Config = CLMConfig
+    DataConfig = DataConfig
     family = "decoder"
     losses = ("clm",)
     perplexity = ("clm",)
 
-    def __init__(self, cfg: CLMConfig, seed: int = 0):
+    def __init__(self, cfg: CLMConfig, data_cfg: DataConfig, seed: int = 0):
         self.cfg = cfg
+        self.data_cfg = data_cfg
         self.seed = seed
 
-    def data(self, data_cfg: DataConfig, tokenizer_path: str | None = None) -> TextData:
-        return text_data(data_cfg, family="decoder", nsp=False, seed=self.seed, tokenizer_path=tokenizer_path)
+    def data(self, tokenizer_path: str | None = None) -> TextData:
+        return text_data(self.data_cfg, family="decoder", nsp=False, seed=self.seed, tokenizer_path=tokenizer_path)
 
     def build(self, backbone: TransformerConfig, data: TextData) -> CausalLM:
         if not backbone.path and backbone.name == "bert":

@@ -133,16 +133,18 @@ class MaskedLM(nn.Module):
 @TASKS.register("mlm")
 class MaskedLMTask:
     Config = MLMConfig
+    DataConfig = DataConfig
     family = "encoder"
 
-    def __init__(self, cfg: MLMConfig, seed: int = 0):
+    def __init__(self, cfg: MLMConfig, data_cfg: DataConfig, seed: int = 0):
         self.cfg = cfg
+        self.data_cfg = data_cfg
         self.seed = seed
         self.losses = ("mlm", "nsp") if cfg.nsp else ("mlm",)
         self.perplexity = ("mlm",)
 
-    def data(self, data_cfg: DataConfig, tokenizer_path: str | None = None) -> TextData:
-        data = text_data(data_cfg, family="encoder", nsp=self.cfg.nsp, seed=self.seed, tokenizer_path=tokenizer_path)
+    def data(self, tokenizer_path: str | None = None) -> TextData:
+        data = text_data(self.data_cfg, family="encoder", nsp=self.cfg.nsp, seed=self.seed, tokenizer_path=tokenizer_path)
         self._prepare(data.tokenizer)
         return data
 

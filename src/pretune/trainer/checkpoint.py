@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+import safetensors.torch
 import torch
 
 from pretune.errors import CheckpointError
@@ -62,11 +63,15 @@ def write_atomically(target: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
-def save_checkpoint(run_dir: Path, step: int, save_model: Callable[[Path], None], state: dict[str, Any], keep_last: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, module: torch.nn.Module, save_model: Callable[[Path], None],
+                    state: dict[str, Any], keep_last: int) -> Path:
+    """``model/`` for users (a Hugging Face folder), ``module.safetensors`` + ``state.pt`` for resuming."""
     target = run_dir / "checkpoints" / f"step-{step:08d}"
 
     def write(tmp: Path) -> None:
+        (tmp / "model").mkdir()
         save_model(tmp / "model")
+        safetensors.torch.save_model(module, str(tmp / "module.safetensors"))  # everything, adapters included
         torch.save(state, tmp / "state.pt")
 
     write_atomically(target, write)
@@ -87,6 +92,23 @@ def checkpoints(run_dir: Path) -> list[Path]:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def copy_atomically(source: Path, target: Path) -> None:
+    """Copy ``source/model`` to ``target`` through a temporary folder."""
+    write_atomically(target, lambda tmp: [shutil.copy2(f, tmp / f.name) for f in sorted((source / "model").iterdir()) if f.is_file()])
+
+
+def load_module(checkpoint: Path, module: torch.nn.Module) -> None:
+    """Load the exact trained weights of ``module`` (built the same way as in the original run)."""
+    path = checkpoint / "module.safetensors"
+    try:
+        missing, unexpected = safetensors.torch.load_model(module, str(path), strict=False)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot be loaded into the model ({type(exc).__name__}: {exc})") from None
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: does not match the model built from the recipe "
+                              f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
 
 
 def load_state(checkpoint: Path) -> dict[str, Any]:

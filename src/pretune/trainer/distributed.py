@@ -51,6 +51,15 @@ def all_reduce_sum(tensor: torch.Tensor, world: World) -> torch.Tensor:
     return tensor
 
 
+def gather_lists(logits: list, labels: list, world: World) -> tuple[list, list]:
+    """All ranks' lists of (CPU) tensors, concatenated in rank order (for whole-set metrics)."""
+    if not world.distributed:
+        return logits, labels
+    gathered: list = [None] * world.size
+    dist.all_gather_object(gathered, (logits, labels))
+    return [x for g in gathered for x in g[0]], [y for g in gathered for y in g[1]]
+
+
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()

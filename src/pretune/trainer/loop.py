@@ -10,6 +10,7 @@ function of (seed, epoch, position): resuming from a checkpoint replays the same
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -39,6 +40,9 @@ class Progress:
     tokens: int = 0  # tokens seen, all ranks
     elapsed: float = 0.0  # training seconds before this process started
     last_eval: dict[str, float] = field(default_factory=dict)
+    best: float | None = None  # best value of the monitored validation metric
+    best_step: int = 0
+    bad_evals: int = 0  # evaluations since the best one (early-stopping patience)
 
 
 def fit(task: Any, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path, world: distributed.World,
@@ -56,7 +60,8 @@ def fit(task: Any, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path, 
         )
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
-    optimizer = build_optimizer(param_groups(module.named_parameters(), cfg.weight_decay, cfg.lr), cfg, device)
+    groups = param_groups(module.named_parameters(), cfg.weight_decay, cfg.lr, getattr(module, "lr_scales", None))
+    optimizer = build_optimizer(groups, cfg, device)
     scheduler = build_schedule(optimizer, cfg, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 only; bf16 needs no scaling
     progress = Progress()
@@ -66,10 +71,14 @@ def fit(task: Any, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path, 
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state.get("scaler", {}))
         progress = Progress(**state["progress"])
+    monitor, mode = _monitor(task, cfg)
+    eval_every = steps_per_epoch if cfg.eval_every == "epoch" else cfg.eval_every
 
-    model: nn.Module = DistributedDataParallel(module) if world.distributed else module
-    if cfg.compile:
-        model = torch.compile(model)
+    def wrap() -> nn.Module:  # DDP registers the parameters that train: wrap again when that changes
+        wrapped = DistributedDataParallel(module) if world.distributed else module
+        return torch.compile(wrapped) if cfg.compile else wrapped
+
+    model = wrap()
 
     log = RunLogger(run_dir, world.main, total_steps, progress.step, cfg.progress, cfg.tensorboard)
     peak = measure_peak(torch.bfloat16 if precision == "bf16" else torch.float32, device) if world.main else 0.0
@@ -85,22 +94,52 @@ def fit(task: Any, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path, 
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                  "progress": vars(progress) | {"elapsed": progress.elapsed + time.perf_counter() - started}}
         if world.main:
-            checkpoint.save_checkpoint(run_dir, progress.step, lambda path: task.save(module, path, data), state, cfg.keep_last)
-            if final:
+            checkpoint.save_checkpoint(run_dir, progress.step, module, lambda path: task.save(module, path, data), state, cfg.keep_last)
+            if final and (monitor is None or not (run_dir / "best").is_dir()):
                 checkpoint.write_atomically(run_dir / "model", lambda path: task.save(module, path, data))
+            elif final:  # the best model by the monitored metric, not the last one
+                checkpoint.copy_atomically(run_dir / "best", run_dir / "model")
         distributed.barrier(world)
 
+    def write_best(path: Path) -> None:
+        (path / "model").mkdir()
+        task.save(module, path / "model", data)
+        scalars = {k: v for k, v in progress.last_eval.items() if isinstance(v, (int, float))}
+        (path / "metrics.json").write_text(json.dumps({"step": progress.step, **scalars}, indent=2))
+
+    def validate() -> bool:
+        """Evaluate, keep the best model, and say whether early stopping ends the run."""
+        progress.last_eval = evaluate(task, module, data.validation, recipe, world, precision)
+        log.log(progress.step, "validation", {k: v for k, v in progress.last_eval.items() if isinstance(v, (int, float))})
+        if monitor is None:
+            return False
+        if monitor not in progress.last_eval:
+            raise TrainingError(f"recipe key 'trainer.monitor': {monitor!r} is not a validation metric; choose one of "
+                                f"{', '.join(k for k, v in progress.last_eval.items() if isinstance(v, (int, float)))}")
+        value = progress.last_eval[monitor]
+        if progress.best is None or (value > progress.best if mode == "max" else value < progress.best):
+            progress.best, progress.best_step, progress.bad_evals = value, progress.step, 0
+            if world.main:
+                checkpoint.write_atomically(run_dir / "best", write_best)
+        else:
+            progress.bad_evals += 1
+        return cfg.patience is not None and progress.bad_evals >= cfg.patience
+
     if progress.step == 0 and data.validation is not None:  # the "before" point of every curve
-        log.log(0, "validation", evaluate(task, module, data.validation, recipe, world, precision))
+        validate()
     started = time.perf_counter()
     window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, torch.Tensor] = {}
-    while progress.step < total_steps:
+    stop = False
+    while progress.step < total_steps and not stop:
+        if hasattr(module, "on_epoch"):  # e.g. gradual unfreezing: one more layer trains each epoch
+            module.on_epoch(progress.epoch)
+            model = wrap() if world.distributed else model
         order = batching.batch_order(len(data.train), cfg.batch_size, recipe.seed, progress.epoch, world.rank, world.size)
         order = order[: steps_per_epoch * cfg.accumulate]
         batches = batching.loader(data.train, task, order[progress.position:], recipe.seed, progress.epoch,
-                                  recipe.data.num_workers, pin=device.type == "cuda")
+                                  cfg.workers, pin=device.type == "cuda")
         for window in batching.windows(iter(batches), cfg.accumulate):
             # 1. how many units each loss term has in this window, over all ranks
             units = _sum_dicts(task.units(batch) for batch in window)
@@ -119,8 +158,8 @@ def fit(task: Any, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path, 
                     out = model(batch)
                     loss = sum(out[k] / units[k] for k in task.losses) * world.size
                 scaler.scale(loss).backward()
-                for k, v in out.items():
-                    sums[k] = sums.get(k, 0) + v.detach().float()
+                for k in units:
+                    sums[k] = sums.get(k, 0) + out[k].detach().float()
 
             for k, v in units.items():
                 counts[k] = counts.get(k, 0) + v
@@ -152,12 +191,14 @@ def fit(task: Any, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path, 
                                              "mfu": f"{values['mfu']:.1%}"})
                 sums, counts = {}, {}
                 window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
-            if data.validation is not None and (progress.step % cfg.eval_every == 0 or progress.step == total_steps):
-                progress.last_eval = evaluate(task, module, data.validation, recipe, world, precision)
-                log.log(progress.step, "validation", progress.last_eval)
-            if progress.step % cfg.save_every == 0 and progress.step < total_steps:
+            if data.validation is not None and (progress.step % eval_every == 0 or progress.step == total_steps):
+                stop = validate()
+                if stop:
+                    log.print(f"early stop at step {progress.step}: no better {monitor} in {cfg.patience} evaluations "
+                              f"(best {progress.best:.4g} at step {progress.best_step})")
+            if progress.step % cfg.save_every == 0 and progress.step < total_steps and not stop:
                 save()
-            if progress.step >= total_steps:
+            if progress.step >= total_steps or stop:
                 break
         else:  # the epoch ran out before the last step
             progress.epoch += 1
@@ -176,14 +217,19 @@ def evaluate(task: Any, module: nn.Module, dataset: Any, recipe: Recipe, world: 
     cfg = recipe.trainer
     order = batching.eval_order(len(dataset), cfg.batch_size, world.rank, world.size, cfg.eval_batches)
     sums: dict[str, torch.Tensor] = {}
-    for batch in batching.loader(dataset, task, order, recipe.seed, batching.EVAL_EPOCH, recipe.data.num_workers, False):
+    logits, labels = [], []
+    for batch in batching.loader(dataset, task, order, recipe.seed, batching.EVAL_EPOCH, recipe.trainer.workers, False):
         units = task.units(batch)
         batch = {k: v.to(world.device) for k, v in batch.items()}
         with autocast(precision, world.device):
             out = module(batch)
+        if hasattr(task, "score"):  # metrics over the whole set (F1, confusion matrix...)
+            logits.append(out["logits"].float().cpu())
+            labels.append(batch["labels"].cpu())
         for k, v in out.items():
-            sums[k] = sums.get(k, 0) + v.float()
-            sums["#" + k] = sums.get("#" + k, 0) + units[k].to(world.device, torch.float32)
+            if k in units:
+                sums[k] = sums.get(k, 0) + v.float()
+                sums["#" + k] = sums.get("#" + k, 0) + units[k].to(world.device, torch.float32)
     keys = sorted(sums)
     if not keys:
         return {}
@@ -191,7 +237,20 @@ def evaluate(task: Any, module: nn.Module, dataset: Any, recipe: Recipe, world: 
     totals = dict(zip(keys, reduced.tolist()))
     means = {k: totals[k] / max(totals["#" + k], 1.0) for k in keys if not k.startswith("#")}
     module.train()
-    return _name_metrics(means, task)
+    named = _name_metrics(means, task)
+    if hasattr(task, "score"):
+        named.update(task.score(*distributed.gather_lists(logits, labels, world)))
+    return named
+
+
+def _monitor(task: Any, cfg: Any) -> tuple[str | None, str]:
+    """The validation metric that picks the best model: the task's own unless the recipe names one."""
+    if cfg.monitor != "auto":
+        lower_is_better = any(word in cfg.monitor for word in ("loss", "perplexity", "mse", "mae", "hamming"))
+        return cfg.monitor, "min" if lower_is_better else "max"
+    if hasattr(task, "monitor"):
+        return task.monitor
+    return ("loss", "min") if cfg.patience is not None else (None, "min")
 
 
 def _sum_dicts(dicts: Any) -> dict[str, torch.Tensor]:

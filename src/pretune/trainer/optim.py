@@ -15,16 +15,19 @@ from torch import nn
 from pretune.recipe import TrainerConfig
 
 
-def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float, lr: float) -> list[dict]:
-    """Weight decay on matrices only: biases and norm weights (1-D tensors) are not decayed."""
-    decay, no_decay = [], []
-    for _, param in named:
-        if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay, "lr": lr}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, "lr": lr})
-    return groups
+def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float, lr: float,
+                 lr_scales: dict[str, float] | None = None) -> list[dict]:
+    """Weight decay on matrices only (not on biases and norm weights); optional per-parameter LR scales.
+
+    Frozen parameters are included (with no gradient the optimizer skips them), so a strategy that
+    unfreezes layers later (gradual unfreezing) needs no new optimizer.
+    """
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, param in named:
+        scale = (lr_scales or {}).get(name, 1.0)
+        groups.setdefault((scale, param.ndim >= 2), []).append(param)
+    return [{"params": params, "weight_decay": weight_decay if decayed else 0.0, "lr": lr * scale}
+            for (scale, decayed), params in sorted(groups.items(), key=lambda item: (-item[0][0], not item[0][1]))]
 
 
 def build_optimizer(groups: list[dict], cfg: TrainerConfig, device: torch.device) -> torch.optim.Optimizer:

@@ -1,0 +1,123 @@
+"""Fine-tuning journeys end to end: every strategy, evaluate, predict, load, export."""
+
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+import pretune
+from pretune.cli import main
+
+FAST = ["trainer.batch_size=8", "trainer.progress=false", "trainer.tensorboard=false", "trainer.precision=fp32",
+        "trainer.eval_every=epoch", "trainer.lr=1e-3", "trainer.warmup=0", "data.max_length=48"]
+
+
+def finetune(tmp_path, model, topics, *extra, name="clf"):
+    run_dir = tmp_path / name
+    code = main(["finetune", "recipes/text-classify.yaml", f"model={model}", f"run_dir={run_dir}",
+                 f"data.train={topics / 'train.csv'}", *FAST, *extra])
+    assert code == 0
+    return run_dir
+
+
+def changed(before: dict, after_dir) -> dict[str, bool]:
+    after = {k: v for k, v in load_file(str(after_dir / "module.safetensors")).items()}
+    return {name: not torch.equal(before[name], after[name]) for name in before}
+
+
+@pytest.mark.parametrize("strategy, frozen_prefixes, trained_prefixes", [
+    ("linear-probe", ["model.bert.embeddings", "model.bert.encoder"], ["model.classifier", "model.bert.pooler"]),
+    ("freeze-bottom:1", ["model.bert.embeddings", "model.bert.encoder.layer.0"], ["model.classifier"]),
+    ("full", [], ["model.bert.embeddings.word_embeddings", "model.bert.encoder.layer.0", "model.classifier"]),
+    ("llrd:0.5", [], ["model.bert.encoder.layer.0", "model.classifier"]),
+])
+def test_frozen_parameters_stay_bit_identical_and_trained_ones_move(tmp_path, tiny_encoder, topics, strategy, frozen_prefixes, trained_prefixes):
+    run_dir = finetune(tmp_path, tiny_encoder, topics, f"strategy={strategy}", "trainer.epochs=2", "trainer.save_every=1",
+                       "trainer.keep_last=1000", "trainer.patience=null")
+    checkpoints = sorted((run_dir / "checkpoints").iterdir())
+    first = load_file(str(checkpoints[0] / "module.safetensors"))
+    initial = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_encoder, num_labels=5).state_dict()
+    moved = changed({k: v for k, v in first.items()}, checkpoints[-1])
+    for name, did_move in moved.items():
+        if any(name.startswith(p) for p in frozen_prefixes):
+            assert not did_move, f"{name} is frozen under {strategy} but changed"
+            key = name[len("model."):]
+            if key in initial:
+                assert torch.equal(first[name], initial[key]), f"{name} differs from the pretrained weights"
+    for prefix in trained_prefixes:
+        assert any(did_move for name, did_move in moved.items() if name.startswith(prefix)), f"nothing under {prefix} trained"
+
+
+def test_gradual_unfreezing_adds_one_layer_per_epoch(tmp_path, tiny_encoder, topics):
+    # nano BERT: [embeddings, layer 0]; epoch 0 trains the head only, epoch 1 also layer 0, epoch 2 everything
+    run_dir = finetune(tmp_path, tiny_encoder, topics, "strategy=gradual-unfreeze", "trainer.epochs=3", "trainer.save_every=1",
+                       "trainer.keep_last=1000", "trainer.patience=null")
+    steps_per_epoch = len(list((run_dir / "checkpoints").iterdir())) // 3
+    ckpts = sorted((run_dir / "checkpoints").iterdir())
+    epoch_ends = [load_file(str(ckpts[i * steps_per_epoch + steps_per_epoch - 1] / "module.safetensors")) for i in range(3)]
+    start = load_file(str(ckpts[0] / "module.safetensors"))
+    layer, emb = "model.bert.encoder.layer.0.attention.self.query.weight", "model.bert.embeddings.word_embeddings.weight"
+    assert torch.equal(start[layer], epoch_ends[0][layer]) and torch.equal(start[emb], epoch_ends[0][emb])
+    assert not torch.equal(epoch_ends[0][layer], epoch_ends[1][layer]) and torch.equal(epoch_ends[0][emb], epoch_ends[1][emb])
+    assert not torch.equal(epoch_ends[1][emb], epoch_ends[2][emb])
+
+
+def test_lora_trains_adapters_and_exports_a_merged_plain_model(tmp_path, tiny_encoder, topics):
+    run_dir = finetune(tmp_path, tiny_encoder, topics, "strategy=lora:r=4", "trainer.epochs=1")
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(run_dir / "model")
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_encoder, num_labels=5)
+    q = "bert.encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(model.state_dict()[q], base.state_dict()[q])  # merged adapters changed the weight
+    predictor = pretune.load(run_dir / "model")
+    texts = ["Return the path of the file.", "Send an email message."]
+    inputs = predictor.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = model.eval()(**inputs).logits.softmax(-1)
+    got = torch.tensor([[r["probabilities"][l] for l in predictor.labels] for r in predictor.predict(texts)])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_evaluate_predict_load_and_plain_transformers_agree(tmp_path, tiny_encoder, topics, capsys):
+    run_dir = finetune(tmp_path, tiny_encoder, topics, "trainer.epochs=2")
+    out = tmp_path / "metrics.json"
+    assert main(["evaluate", str(run_dir / "model"), f"data={topics / 'test.csv'}", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads(out.read_text())
+    assert "accuracy" in printed and 0 <= metrics["accuracy"] <= 1 and len(metrics["confusion_matrix"]) == 5
+    assert main(["predict", str(run_dir / "model"), str(topics / "test.csv"), "--out", str(tmp_path / "p.jsonl")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    predictor = pretune.load(run_dir / "model")
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(run_dir / "model").eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(run_dir / "model")
+    texts = [r["text"] for r in rows[:8]]
+    with torch.no_grad():
+        hf_labels = hf(**tokenizer(texts, padding=True, truncation=True, max_length=48, return_tensors="pt")).logits.argmax(-1)
+    assert [hf.config.id2label[int(i)] for i in hf_labels] == [r["label"] for r in rows[:8]]
+    assert [r["label"] for r in predictor.predict(texts)] == [r["label"] for r in rows[:8]]
+    best = json.loads((run_dir / "best" / "metrics.json").read_text())
+    assert "accuracy" in best
+
+
+def test_linear_probe_uses_cached_features_with_the_same_result(tmp_path, tiny_encoder, topics):
+    cached = finetune(tmp_path, tiny_encoder, topics, "strategy=linear-probe", "trainer.epochs=2", name="cached")
+    plain = finetune(tmp_path, tiny_encoder, topics, "strategy=linear-probe", "trainer.epochs=2", "task.cache_features=false", name="plain")
+    a, b = load_file(str(cached / "model" / "model.safetensors")), load_file(str(plain / "model" / "model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
+def test_decoder_backbone_classifies(tmp_path, tiny_decoder, topics):
+    run_dir = finetune(tmp_path, tiny_decoder, topics, "strategy=linear-probe", "trainer.epochs=1")
+    assert pretune.load(run_dir / "model").predict("Open a socket.")[0]["label"]
+
+
+def test_unseen_validation_label_is_a_one_line_error(tmp_path, tiny_encoder, topics, capsys):
+    dev = tmp_path / "dev.csv"
+    dev.write_text("text,label\nhello world,nonexistent\n")
+    code = main(["finetune", "recipes/text-classify.yaml", f"model={tiny_encoder}", f"run_dir={tmp_path / 'r'}",
+                 f"data.train={topics / 'train.csv'}", f"data.validation={dev}", *FAST])
+    err = capsys.readouterr().err.strip()
+    assert code == 4 and "nonexistent" in err and "dev.csv" in err and "\n" not in err
