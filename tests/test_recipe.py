@@ -20,8 +20,10 @@ def test_defaults_and_overrides():
     ("nonsense", ["key=value"]),
 ])
 def test_bad_values_give_one_line_naming_the_key(override, words):
+    from pretune.run import build_task
+
     with pytest.raises(RecipeError) as err:
-        load_recipe(None, [override])
+        build_task(load_recipe(None, [override]))  # task and data sections are checked by their task
     message = str(err.value)
     assert "\n" not in message
     for word in words:

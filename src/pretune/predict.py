@@ -43,8 +43,11 @@ class Predictor:
 
     def predict(self, texts: str | list, pairs: list | None = None, batch_size: int = 32, progress: bool = False) -> list[dict[str, Any]]:
         """One dict per input: ``label`` and ``probabilities`` (classification), ``labels`` (multi-label),
-        ``value`` (regression) or ``tags`` (one per word, for tagging; give lists of words)."""
-        single = isinstance(texts, str) or (self.kind == "tags" and texts and isinstance(texts[0], str))
+        ``value`` (regression) or ``tags`` (one per word, for tagging).  Tagging takes lists of words; a
+        string is split on whitespace, and a list of strings is one sentence of words unless one of them
+        holds whitespace (then it is a list of sentences)."""
+        single = isinstance(texts, str) or (self.kind == "tags" and bool(texts) and all(isinstance(t, str) for t in texts)
+                                            and not any(len(t.split()) > 1 for t in texts))
         texts = [texts] if single else list(texts)
         if self.kind == "tags":
             texts = [t.split() if isinstance(t, str) else t for t in texts]
@@ -92,8 +95,8 @@ def read_inputs(path: str, column: str | None = None) -> tuple[list, list[dict]]
         raw = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    if suffix in (".txt", ".text"):
-        rows = [{"text": line} for line in raw.splitlines() if line.strip()]
+    if suffix in (".txt", ".text"):  # one text per line, under the column the model reads
+        rows = [{column or "text": line} for line in raw.splitlines() if line.strip()]
     elif suffix in (".jsonl", ".json"):
         rows = []
         for number, line in enumerate(raw.splitlines(), 1):
@@ -123,6 +126,8 @@ def predict_file(model_dir: str, inputs: str, out: str, column: str | None = Non
     texts, rows = read_inputs(inputs, column or predictor.meta.get("text"))
     pair_column = predictor.meta.get("text_pair")
     pairs = [row[pair_column] for row in rows] if pair_column and all(pair_column in r for r in rows) else None
+    if predictor.kind == "tags":  # one sentence per row: a list of words, or a string of space-separated words
+        texts = [text.split() if isinstance(text, str) else text for text in texts]
     results = predictor.predict(texts, pairs, batch_size=batch_size, progress=True)
     with open(out, "w", encoding="utf-8") as handle:
         for row, result in zip(rows, results):

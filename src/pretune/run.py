@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,8 @@ def train(recipe: Recipe | str | Path, overrides: list[str] = (), *, resume: boo
     if world.main:  # rank 0 reads the data first (and trains a tokenizer if there is none); the others reuse it
         data = task.data(tokenizer_path=_tokenizer_source(resume_from, backbone.path, saved_tokenizer))
         data.tokenizer.save_pretrained(saved_tokenizer)
+        if getattr(task, "label_names", None) is not None:  # the same label map on every rank and on resume
+            (saved_tokenizer / "pretune.json").write_text(json.dumps({"kind": task.kind, "label_names": task.label_names}))
     distributed.barrier(world)
     if not world.main:
         data = task.data(tokenizer_path=str(saved_tokenizer))
@@ -77,7 +80,22 @@ def train(recipe: Recipe | str | Path, overrides: list[str] = (), *, resume: boo
         metrics = fit(task, module, data, recipe, run_dir, world, resume_from=resume_from)
     finally:
         distributed.shutdown(world)
+    test_file = getattr(getattr(task, "data_cfg", None), "test", None)
+    if test_file and world.main:  # the held-out test set, scored once with the final (best) model
+        metrics = {**metrics, **{f"test_{k}": v for k, v in _score_test(run_dir, test_file).items()}}
     return RunResult(run_dir, metrics)
+
+
+def _score_test(run_dir: Path, test_file: str) -> dict[str, float]:
+    from pretune.evaluate.metrics import summary_table
+    from pretune.predict import evaluate_file
+
+    scores = evaluate_file(str(run_dir / "model"), test_file, out=str(run_dir / "test_metrics.json"))
+    scalars = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
+    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"step": None, "split": "test", **scalars}) + "\n")
+    print(summary_table(scores, title=f"test set {test_file}"))
+    return scalars
 
 
 def _tokenizer_source(resume_from: Path | None, backbone_path: str | None, saved: Path) -> str | None:
@@ -95,7 +113,8 @@ def _prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: boo
         if world.main:  # record any override given on resume (e.g. a later trainer.max_steps)
             (run_dir / "recipe.yaml").write_text(recipe.dump())
         return latest
-    if (run_dir / "recipe.yaml").exists() and not overwrite:
+    holds_work = (run_dir / "model").exists() or checkpoint.latest_checkpoint(run_dir) is not None
+    if holds_work and not overwrite:
         raise CheckpointError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
     if world.main:
         if overwrite and run_dir.exists():

@@ -65,13 +65,14 @@ def test_gradual_unfreezing_adds_one_layer_per_epoch(tmp_path, tiny_encoder, top
 
 
 def test_lora_trains_adapters_and_exports_a_merged_plain_model(tmp_path, tiny_encoder, topics):
-    run_dir = finetune(tmp_path, tiny_encoder, topics, "strategy=lora:r=4", "trainer.epochs=1")
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(run_dir / "model")
+    run_dir = finetune(tmp_path, tiny_encoder, topics, "strategy=lora:r=4", "trainer.epochs=1", "trainer.monitor=loss")
+    last = sorted((run_dir / "checkpoints").iterdir())[-1] / "model"  # model/ is the best, which may be step 0
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(last)
     assert not any("lora" in name for name, _ in model.named_parameters())
     base = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_encoder, num_labels=5)
     q = "bert.encoder.layer.0.attention.self.query.weight"
     assert not torch.equal(model.state_dict()[q], base.state_dict()[q])  # merged adapters changed the weight
-    predictor = pretune.load(run_dir / "model")
+    predictor = pretune.load(last)
     texts = ["Return the path of the file.", "Send an email message."]
     inputs = predictor.tokenizer(texts, padding=True, return_tensors="pt")
     with torch.no_grad():

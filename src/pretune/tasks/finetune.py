@@ -117,6 +117,8 @@ class FinetuneTask:
         self.strategy = strategies.parse(strategy)
         self.head_lr_scale = head_lr_scale
         self.kind = {"classify": "multi" if cfg.multi_label else "single", "regress": "regression", "tag": "tags"}[cfg.name]
+        if cfg.class_weights is not None and self.kind != "single":  # would be silently ignored otherwise
+            raise RecipeError(f"recipe key 'task.class_weights': applies to single-label classification only, not to {self.kind!r} tasks")
         self.losses = ({"single": "ce", "multi": "bce", "regression": "mse", "tags": "ce"}[self.kind],)
         self.monitor = M.primary_metric(KIND_METRICS[self.kind])
 
@@ -128,7 +130,10 @@ class FinetuneTask:
         tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_path)
         if tokenizer.pad_token is None:  # decoders: pad with end-of-text
             tokenizer.pad_token = tokenizer.eos_token
-        self.tokenizer, self.label_names = tokenizer, labelled.label_names
+        names = labelled.label_names
+        if self.kind == "tags" and self.cfg.label_all_subwords:  # later pieces of a B-X word are I-X (see align_tags)
+            names = names + [f"I-{n[2:]}" for n in names if n.startswith("B-") and f"I-{n[2:]}" not in names]
+        self.tokenizer, self.label_names = tokenizer, names
         return FinetuneData(labelled.train, labelled.validation, labelled.test, tokenizer, labelled)
 
     def _saved_labels(self, path: str) -> list[str] | None:
@@ -161,13 +166,20 @@ class FinetuneTask:
         return batch
 
     def align_tags(self, word_ids: list[list[int | None]], tags: list[list[int]]) -> torch.Tensor:
-        """Word labels -> piece labels: the first piece of each word carries the word's tag, the rest -100."""
+        """Word labels -> piece labels: the first piece of each word carries the word's tag, the rest -100.
+
+        With ``label_all_subwords`` the other pieces carry the tag too, ``B-X`` turned into ``I-X`` (when
+        ``I-X`` is a known tag) so that a word split into pieces still counts as one entity."""
+        names = getattr(self, "label_names", None) or []
+        inside = {i: names.index("I-" + name[2:]) for i, name in enumerate(names) if name.startswith("B-") and "I-" + name[2:] in names}
         out = torch.full((len(word_ids), len(word_ids[0])), IGNORE, dtype=torch.long)
         for row, (ids, word_tags) in enumerate(zip(word_ids, tags)):
             previous = None
             for position, word in enumerate(ids):
-                if word is not None and (word != previous or self.cfg.label_all_subwords):
+                if word is not None and word != previous:
                     out[row, position] = word_tags[word]
+                elif word is not None and self.cfg.label_all_subwords:
+                    out[row, position] = inside.get(word_tags[word], word_tags[word])
                 previous = word
         return out
 
@@ -208,7 +220,8 @@ class FinetuneTask:
         auto = transformers.AutoModelForTokenClassification if self.kind == "tags" else transformers.AutoModelForSequenceClassification
         try:
             if backbone.pretrained:
-                model, info = auto.from_pretrained(path, output_loading_info=True, attn_implementation=backbone.attention, **kwargs, **backbone.config)
+                model, info = auto.from_pretrained(path, output_loading_info=True, ignore_mismatched_sizes=True,  # a head of another size is new
+                                                   attn_implementation=backbone.attention, **kwargs, **backbone.config)
                 new = set(info["missing_keys"]) | {k for k, *_ in info.get("mismatched_keys", [])}
             else:  # the same architecture, randomly initialised: the "from scratch" arm
                 model = auto.from_config(transformers.AutoConfig.from_pretrained(path, **kwargs, **backbone.config), attn_implementation=backbone.attention)
