@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--column", help="the text column (default: the one the model was trained on)")
     predict.add_argument("--batch-size", type=int, default=32)
 
-    demo = sub.add_parser("demo", help="pretrain a tiny model on the embedded corpus and show what it learned")
+    demo = sub.add_parser("demo", help="pretrain a tiny BERT on the embedded corpus, fine-tune it, compare with training from scratch")
     demo.add_argument("--run-dir", default="runs/demo")
     demo.add_argument("--steps", type=int, default=None, help="optimizer steps (default: about 3 minutes of training on 2 CPU cores)")
     return parser
