@@ -33,11 +33,11 @@ import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import report_result, run_alternating
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -161,7 +161,7 @@ def child(args: argparse.Namespace) -> None:
     """One contender, one repetition, in its own process; prints a JSON line."""
     runner = run_hf if args.tool == "hf" else run_pretune
     result = runner(Path(args.data_dir), args.epochs, args.precision)
-    print("RESULT " + json.dumps(result), flush=True)
+    report_result(result)
 
 
 def main() -> None:
@@ -192,20 +192,12 @@ def main() -> None:
         report = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                   "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
                   "encoder": "all-MiniLM-L6-v2", "epochs": args.epochs, "repeats": repeats, **sizes, "rows": []}
-        runs: dict[str, list[dict]] = {name: [] for name, _, _ in CONTENDERS}
-        for rep in range(repeats):
-            order = CONTENDERS if rep % 2 == 0 else CONTENDERS[::-1]  # alternate who goes first
-            for name, tool, precision in order:
-                cmd = [sys.executable, __file__, "--child", "--tool", tool, "--precision", precision,
-                       "--data-dir", str(data_dir), "--epochs", str(args.epochs)]
-                done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-                line = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
-                if done.returncode != 0 or not line:
-                    sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
-                result = json.loads(line[0][len("RESULT "):])
-                runs[name].append(result)
-                print(f"{name} rep {rep}: {result['seconds']:.1f}s, {result['steps']} steps, "
-                      f"accuracy {result['accuracies'][-1]:.4f} (best {max(result['accuracies']):.4f})", flush=True)
+        runs = run_alternating(
+            CONTENDERS, repeats,
+            lambda tool, precision: [__file__, "--child", "--tool", tool, "--precision", precision,
+                                     "--data-dir", str(data_dir), "--epochs", str(args.epochs)],
+            env, lambda name, rep, r: (f"{name} rep {rep}: {r['seconds']:.1f}s, {r['steps']} steps, "
+                                       f"accuracy {r['accuracies'][-1]:.4f} (best {max(r['accuracies']):.4f})"))
     ours = runs["pretune"]
     ours_seconds, ours_accuracy = statistics.median(r["seconds"] for r in ours), statistics.median(r["accuracies"][-1] for r in ours)
     for name, _, precision in CONTENDERS:

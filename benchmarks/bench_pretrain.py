@@ -20,11 +20,11 @@ import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import report_result, run_alternating
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -146,7 +146,7 @@ def child(args: argparse.Namespace) -> None:
     data_dir = Path(args.data_dir)
     runner = run_hf if args.tool == "hf" else run_pretune
     result = runner(args.workload, data_dir, args.steps, args.warmup, args.precision)
-    print("RESULT " + json.dumps(result), flush=True)
+    report_result(result)
 
 
 def peaks() -> dict:
@@ -195,19 +195,11 @@ def main() -> None:
         vocab = len(AutoTokenizer.from_pretrained(str(data_dir / "tokenizer")))
         flops = model_flops_per_step(workload, vocab)
         contenders = CONTENDERS[workload]
-        runs: dict[str, list[dict]] = {name: [] for name, _, _ in contenders}
-        for rep in range(repeats):
-            order = contenders if rep % 2 == 0 else contenders[::-1]  # alternate who goes first
-            for name, tool, precision in order:
-                cmd = [sys.executable, __file__, "--child", "--workload", workload, "--tool", tool, "--precision", precision,
-                       "--data-dir", str(data_dir), "--steps", str(steps), "--warmup", str(warmup)]
-                done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-                line = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
-                if done.returncode != 0 or not line:
-                    sys.exit(f"{name} failed on {workload}:\n{done.stderr[-3000:]}")
-                result = json.loads(line[0][len("RESULT "):])
-                runs[name].append(result)
-                print(f"{workload} {name} rep {rep}: {result['tokens_per_s']:.0f} tokens/s, loss {result['final_loss']:.3f}", flush=True)
+        runs = run_alternating(
+            contenders, repeats,
+            lambda tool, precision: [__file__, "--child", "--workload", workload, "--tool", tool, "--precision", precision,
+                                     "--data-dir", str(data_dir), "--steps", str(steps), "--warmup", str(warmup)],
+            env, lambda name, rep, r: f"{workload} {name} rep {rep}: {r['tokens_per_s']:.0f} tokens/s, loss {r['final_loss']:.3f}")
         ours = statistics.median(r["tokens_per_s"] for r in runs["pretune"])
         for name, _, precision in contenders:
             speeds = [r["tokens_per_s"] for r in runs[name]]
