@@ -1,4 +1,4 @@
-"""One registry for everything that is created by name: tasks, backbones, schedules.
+"""One registry mechanism for everything created by name (tasks today; vision backbones next).
 
     @TASKS.register("mlm")
     class MaskedLM: ...
@@ -56,4 +56,3 @@ def _import_dotted(path: str, kind: str) -> Any:
 
 
 TASKS = Registry("task")
-BACKBONES = Registry("backbone")

@@ -17,7 +17,6 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from pretune.errors import CheckpointError, RecipeError
 from pretune.recipe import Section
-from pretune.registry import BACKBONES
 
 # Layers, hidden size, heads.  Feed-forward width is 4x hidden, as in BERT and GPT-2.
 SIZES: dict[str, tuple[int, int, int]] = {
@@ -109,12 +108,6 @@ def build_model(cfg: TransformerConfig, auto_class: Any, *, vocab_size: int, spe
     if hasattr(auto_class, "from_config"):  # Auto* classes
         return auto_class.from_config(config, attn_implementation=cfg.attention)
     return auto_class(config)  # a concrete class such as BertForPreTraining
-
-
-@BACKBONES.register("transformer")
-def transformer_backbone(model: PreTrainedModel) -> PreTrainedModel:
-    """The feature extractor inside a Hugging Face model with a head (``model.bert``, ``model.transformer``...)."""
-    return model.base_model
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
