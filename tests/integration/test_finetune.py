@@ -108,6 +108,9 @@ def test_linear_probe_uses_cached_features_with_the_same_result(tmp_path, tiny_e
     a, b = load_file(str(cached / "model" / "model.safetensors")), load_file(str(plain / "model" / "model.safetensors"))
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+    for run in (cached, plain):  # throughput counts the text tokens behind cached features too
+        train_rows = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
+        assert all(r["tokens_per_s"] > 5 * r["examples_per_s"] > 0 for r in train_rows)
 
 
 def test_decoder_backbone_classifies(tmp_path, tiny_decoder, topics):

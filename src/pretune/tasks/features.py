@@ -60,12 +60,12 @@ def last_token(input_ids: torch.Tensor, pad_id: int | None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode(model: nn.Module, task: Any, dataset: datasets.Dataset, device: torch.device, precision: str, batch_size: int = 64) -> torch.Tensor:
+def encode(model: nn.Module, task: Any, dataset: datasets.Dataset, device: torch.device, precision: str, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """The representation the head reads, for every row of ``dataset`` (backbone in eval mode)."""
     base = model.base_model
     was_training = base.training
     base.eval()
-    out = []
+    out, lengths = [], []
     text, pair = task.data_cfg.text, task.data_cfg.text_pair
     for start in tqdm(range(0, len(dataset), batch_size), desc="encoding once (frozen backbone)", leave=False, mininterval=5):
         rows = dataset[start:start + batch_size]
@@ -77,8 +77,9 @@ def encode(model: nn.Module, task: Any, dataset: datasets.Dataset, device: torch
         else:
             hidden = hidden[:, 0]
         out.append(hidden.float().cpu())
+        lengths.append(batch["attention_mask"].sum(-1).cpu())
     base.train(was_training)
-    return torch.cat(out)
+    return torch.cat(out), torch.cat(lengths)
 
 
 def cache_features(model: nn.Module, task: Any, splits: dict[str, datasets.Dataset | None], device: torch.device, precision: str) -> dict:
@@ -89,6 +90,8 @@ def cache_features(model: nn.Module, task: Any, splits: dict[str, datasets.Datas
     for name, dataset in splits.items():
         if dataset is None:
             continue
-        features = encode(model, task, dataset, device, precision)
-        cached[name] = datasets.Dataset.from_dict({"features": features.numpy(), "labels": list(dataset["labels"])})
+        features, lengths = encode(model, task, dataset, device, precision)
+        # "tokens": the text length each feature stands for, so throughput is still reported in tokens
+        cached[name] = datasets.Dataset.from_dict({"features": features.numpy(), "tokens": lengths.numpy(),
+                                                   "labels": list(dataset["labels"])})
     return cached

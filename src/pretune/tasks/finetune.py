@@ -144,7 +144,7 @@ class FinetuneTask:
 
     def collate(self, rows: dict[str, list], seeds: list[int]) -> dict[str, torch.Tensor]:
         if "features" in rows:
-            batch = {"features": torch.tensor(rows["features"])}
+            batch = {"features": torch.tensor(rows["features"]), "tokens": torch.tensor(rows["tokens"])}
         else:
             batch = self.encode(rows[self.data_cfg.text], rows.get(self.data_cfg.text_pair) if self.data_cfg.text_pair else None)
         labels = rows["labels"]
@@ -194,7 +194,8 @@ class FinetuneTask:
         return {self.losses[0]: count}
 
     def tokens(self, batch: dict[str, torch.Tensor]) -> int:
-        return int(batch["attention_mask"].sum()) if "attention_mask" in batch else len(batch["labels"])
+        """Real (unpadded) text tokens in the batch; for cached features, the tokens they were encoded from."""
+        return int(batch["tokens" if "tokens" in batch else "attention_mask"].sum())
 
     def flops(self, module: FineTuneModel, batch: dict[str, torch.Tensor]) -> float:
         if "features" in batch:

@@ -128,7 +128,7 @@ def fit(task: Any, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path, 
     if progress.step == 0 and data.validation is not None:  # the "before" point of every curve
         validate()
     started = time.perf_counter()
-    window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
+    window_start, window_tokens, window_examples, window_flops = time.perf_counter(), 0, 0, 0.0
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, torch.Tensor] = {}
     stop = False
@@ -150,6 +150,7 @@ def fit(task: Any, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path, 
             optimizer.zero_grad(set_to_none=True)
             for i, batch in enumerate(window):
                 window_tokens += task.tokens(batch) * world.size
+                window_examples += len(next(iter(batch.values()))) * world.size
                 window_flops += task.flops(module, batch) * world.size
                 torch.manual_seed(batching.mix(recipe.seed, progress.step, i, world.rank))
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -184,13 +185,13 @@ def fit(task: Any, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path, 
                 values = {k: float(distributed.all_reduce_sum(sums[k].clone(), world) / counts[k]) for k in sums}
                 values = _name_metrics(values, task)
                 values.update(lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
-                              tokens_per_s=window_tokens / elapsed, mfu=window_flops / elapsed / peak if peak else 0.0)
+                              tokens_per_s=window_tokens / elapsed, examples_per_s=window_examples / elapsed, mfu=window_flops / elapsed / peak if peak else 0.0)
                 progress.tokens += window_tokens
                 log.log(progress.step, "train", values)
                 log.progress(progress.step, {"loss": values.get("loss", float("nan")), "tok/s": round(values["tokens_per_s"]),
                                              "mfu": f"{values['mfu']:.1%}"})
                 sums, counts = {}, {}
-                window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
+                window_start, window_tokens, window_examples, window_flops = time.perf_counter(), 0, 0, 0.0
             if data.validation is not None and (progress.step % eval_every == 0 or progress.step == total_steps):
                 stop = validate()
                 if stop:
