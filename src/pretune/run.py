@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from pretune.backbones import backbone_config
+from pretune.data.arrays import modality
 from pretune.errors import CheckpointError, RecipeError
 from pretune.recipe import Recipe, load_recipe
 from pretune.registry import TASKS
@@ -37,6 +38,8 @@ class RunResult:
 def build_task(recipe: Recipe) -> Any:
     """The task named by the recipe, with its own ``task`` and ``data`` sections validated."""
     task_class = TASKS.get(str(recipe.task.get("name", "")))
+    if modality(recipe.data) != "text" and hasattr(task_class, "for_arrays"):  # e.g. classify images, not text
+        task_class = task_class.for_arrays
     task_cfg, data_cfg = recipe.section("task", task_class.Config), recipe.section("data", task_class.DataConfig)
     if getattr(task_class, "uses_strategy", False):
         head_scale = recipe.trainer.head_lr / recipe.trainer.lr if recipe.trainer.head_lr else 1.0
@@ -64,8 +67,10 @@ def train(recipe: Recipe | str | Path, overrides: list[str] = (), *, resume: boo
     saved_tokenizer = run_dir / "tokenizer"
     if world.main:  # rank 0 reads the data first (and trains a tokenizer if there is none); the others reuse it
         data = task.data(tokenizer_path=_tokenizer_source(resume_from, backbone.path, saved_tokenizer))
-        data.tokenizer.save_pretrained(saved_tokenizer)
+        if hasattr(data, "tokenizer"):
+            data.tokenizer.save_pretrained(saved_tokenizer)
         if getattr(task, "label_names", None) is not None:  # the same label map on every rank and on resume
+            saved_tokenizer.mkdir(parents=True, exist_ok=True)
             (saved_tokenizer / "pretune.json").write_text(json.dumps({"kind": task.kind, "label_names": task.label_names}))
     distributed.barrier(world)
     if not world.main:

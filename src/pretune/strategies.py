@@ -16,7 +16,8 @@ A strategy is written as a short string in the recipe (``strategy: llrd:0.8``):
 
 "New task layers" are the parameters that were not in the loaded checkpoint (a classifier, a
 pooler the checkpoint lacked...): they always train, at ``head_lr`` when given.  Layer groups come
-from the backbone: ``[embeddings, layer 0, ..., layer L-1]`` bottom to top.
+from the backbone: ``[embeddings, layer 0, ..., layer L-1]`` bottom to top (images: ``[stem,
+stage 1, ..., stage S]``; MLPs: ``[none, block 1, ..., block B]``).
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ def parse(spec: str) -> Strategy:
 def layer_groups(model: nn.Module) -> list[list[nn.Module]]:
     """Bottom-to-top groups of a Hugging Face backbone: embeddings, then each transformer layer."""
     base = getattr(model, "base_model", model)
+    if hasattr(base, "layer_groups"):  # image / vector backbones: stem, then stages (see backbones/vision.py)
+        return base.layer_groups()
     embeddings = [m for name in ("embeddings", "embed_tokens", "wte", "wpe", "word_embedding") if (m := getattr(base, name, None)) is not None]
     for path in ("encoder.layer", "layers", "h", "transformer.layer", "layer"):
         node: Any = base

@@ -13,6 +13,11 @@ A task is a small object registered by name in :data:`pretune.registry.TASKS`:
   so gradient accumulation and DDP give the same gradient as one large batch;
 - ``losses``: the keys of ``forward``'s output that add up to the training loss;
 - ``save(module, path, data)``: write ``model/`` as a standard Hugging Face folder (or similar).
+
+Optional: ``phases`` (one optimizer per phase: ``{"discriminator": ("d_real", "d_fake"), ...}``,
+the module's ``forward(batch, phase)`` and ``phase_parameters(phase)``), ``probe`` (extra
+validation metrics such as k-NN accuracy), ``prepare`` (cached features), ``score`` (metrics over
+the whole validation set), ``monitor`` (the metric that picks the best checkpoint).
 """
 
-from pretune.tasks import clm, finetune, mlm  # noqa: F401  (registers the tasks)
+from pretune.tasks import autoencoder, clm, contrastive, finetune, gan, mlm, supervised  # noqa: F401  (registers the tasks)

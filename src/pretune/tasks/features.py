@@ -36,6 +36,8 @@ def supports_cache(model: nn.Module) -> bool:
 
 def head_logits(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
     """The logits the model's own head computes from the cached representation ``features`` [B, H]."""
+    if hasattr(model, "head_logits"):  # image / vector classifiers
+        return model.head_logits(features)
     name = type(model).__name__
     states = features.unsqueeze(1)  # a sequence of length 1: heads that read position 0 read it
     if name == "BertForSequenceClassification":

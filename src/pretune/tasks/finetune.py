@@ -90,7 +90,7 @@ class FineTuneModel(nn.Module):
         if "features" in batch:  # linear probe on cached backbone features
             logits = head_logits(self.model, batch["features"])
         else:
-            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", "x", "seed") if k in batch}
             logits = self.model(**inputs).logits
         logits = logits.float()
         labels = batch["labels"]

@@ -60,22 +60,29 @@ def fit(task: Any, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path, 
         )
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
-    groups = param_groups(module.named_parameters(), cfg.weight_decay, cfg.lr, getattr(module, "lr_scales", None))
-    optimizer = build_optimizer(groups, cfg, device)
-    scheduler = build_schedule(optimizer, cfg, total_steps)
+    # One optimizer per phase.  Most tasks have one phase that trains everything on all of
+    # task.losses; a GAN has two (discriminator, generator), each with its own parameters and losses.
+    phases: dict[str, tuple[str, ...]] = getattr(task, "phases", None) or {"main": tuple(task.losses)}
+    multi = len(phases) > 1
+    optimizers, schedulers = {}, {}
+    for name in phases:
+        named = module.phase_parameters(name) if multi else module.named_parameters()
+        optimizers[name] = build_optimizer(param_groups(named, cfg.weight_decay, cfg.lr, getattr(module, "lr_scales", None)), cfg, device)
+        schedulers[name] = build_schedule(optimizers[name], cfg, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 only; bf16 needs no scaling
     progress = Progress()
     if resume_from is not None:
         state = checkpoint.load_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        for name in phases:
+            optimizers[name].load_state_dict(state["optimizers"][name])
+            schedulers[name].load_state_dict(state["schedulers"][name])
         scaler.load_state_dict(state.get("scaler", {}))
         progress = Progress(**state["progress"])
     monitor, mode = _monitor(task, cfg)
     eval_every = steps_per_epoch if cfg.eval_every == "epoch" else cfg.eval_every
 
     def wrap() -> nn.Module:  # DDP registers the parameters that train: wrap again when that changes
-        wrapped = DistributedDataParallel(module) if world.distributed else module
+        wrapped = DistributedDataParallel(module, find_unused_parameters=multi) if world.distributed else module
         return torch.compile(wrapped) if cfg.compile else wrapped
 
     model = wrap()
@@ -91,7 +98,8 @@ def fit(task: Any, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path, 
     )
 
     def save(final: bool = False) -> None:
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+        state = {"optimizers": {n: o.state_dict() for n, o in optimizers.items()},
+                 "schedulers": {n: s.state_dict() for n, s in schedulers.items()}, "scaler": scaler.state_dict(),
                  "progress": vars(progress) | {"elapsed": progress.elapsed + time.perf_counter() - started}}
         if world.main:
             checkpoint.save_checkpoint(run_dir, progress.step, module, lambda path: task.save(module, path, data), state, cfg.keep_last)
@@ -110,6 +118,9 @@ def fit(task: Any, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path, 
     def validate() -> bool:
         """Evaluate, keep the best model, and say whether early stopping ends the run."""
         progress.last_eval = evaluate(task, module, data.validation, recipe, world, precision)
+        if hasattr(task, "probe"):  # representation quality (k-NN accuracy), sample images...
+            progress.last_eval.update(task.probe(module, data, device=device, precision=precision, step=progress.step,
+                                                 out_dir=run_dir if world.main else None))
         log.log(progress.step, "validation", {k: v for k, v in progress.last_eval.items() if isinstance(v, (int, float))})
         if monitor is None:
             return False
@@ -145,37 +156,43 @@ def fit(task: Any, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path, 
             units = _sum_dicts(task.units(batch) for batch in window)
             units = {k: distributed.all_reduce_sum(v.to(device, torch.float32), world).clamp_(min=1) for k, v in units.items()}
 
-            # 2. forward and backward on each micro-batch; sync gradients on the last one only
-            module.train()
-            optimizer.zero_grad(set_to_none=True)
-            for i, batch in enumerate(window):
+            for batch in window:
                 window_tokens += task.tokens(batch) * world.size
                 window_examples += len(next(iter(batch.values()))) * world.size
                 window_flops += task.flops(module, batch) * world.size
-                torch.manual_seed(batching.mix(recipe.seed, progress.step, i, world.rank))
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                sync = i == len(window) - 1 or not world.distributed
-                with (contextlib.nullcontext() if sync else model.no_sync()), autocast(precision, device):
-                    out = model(batch)
-                    loss = sum(out[k] / units[k] for k in task.losses) * world.size
-                scaler.scale(loss).backward()
-                for k in units:
-                    sums[k] = sums.get(k, 0) + out[k].detach().float()
-
+            window = [{k: v.to(device, non_blocking=True) for k, v in batch.items()} for batch in window]
             for k, v in units.items():
                 counts[k] = counts.get(k, 0) + v
 
-            # 3. clip, check, step
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.clip if cfg.clip else float("inf"))
-            if not scaler.is_enabled() and not torch.isfinite(grad_norm):
-                raise TrainingError(
-                    f"non-finite gradient norm at step {progress.step + 1} (loss {float(loss):.4g}); "
-                    f"the last checkpoint in {run_dir / 'checkpoints'} is intact; try a lower trainer.lr or trainer.precision=fp32"
-                )
-            scaler.step(optimizer)
+            module.train()
+            grad_norms = {}
+            for p, (phase, loss_keys) in enumerate(phases.items()):
+                # 2. forward and backward on each micro-batch; sync gradients on the last one only
+                optimizer = optimizers[phase]
+                optimizer.zero_grad(set_to_none=True)
+                for i, batch in enumerate(window):
+                    torch.manual_seed(batching.mix(recipe.seed, progress.step, i, world.rank, *([p] if multi else [])))
+                    sync = i == len(window) - 1 or not world.distributed
+                    with (contextlib.nullcontext() if sync else model.no_sync()), autocast(precision, device):
+                        out = model(batch, phase) if multi else model(batch)
+                        loss = sum(out[k] / units[k] for k in loss_keys) * world.size
+                    scaler.scale(loss).backward()
+                    for k in units:
+                        if k in out:
+                            sums[k] = sums.get(k, 0) + out[k].detach().float()
+
+                # 3. clip, check, step
+                scaler.unscale_(optimizer)
+                params = [param for group in optimizer.param_groups for param in group["params"]]
+                grad_norms[phase] = grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip else float("inf"))
+                if not scaler.is_enabled() and not torch.isfinite(grad_norm):
+                    raise TrainingError(
+                        f"non-finite gradient norm at step {progress.step + 1} (loss {float(loss):.4g}); "
+                        f"the last checkpoint in {run_dir / 'checkpoints'} is intact; try a lower trainer.lr or trainer.precision=fp32"
+                    )
+                scaler.step(optimizer)
+                schedulers[phase].step()
             scaler.update()
-            scheduler.step()
             progress.step += 1
             progress.position += len(window)
 
@@ -184,7 +201,8 @@ def fit(task: Any, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path, 
                 elapsed = time.perf_counter() - window_start
                 values = {k: float(distributed.all_reduce_sum(sums[k].clone(), world) / counts[k]) for k in sums}
                 values = _name_metrics(values, task)
-                values.update(lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
+                values.update({"grad_norm" if not multi else f"grad_norm_{n}": float(g) for n, g in grad_norms.items()})
+                values.update(lr=next(iter(schedulers.values())).get_last_lr()[0],
                               tokens_per_s=window_tokens / elapsed, examples_per_s=window_examples / elapsed, mfu=window_flops / elapsed / peak if peak else 0.0)
                 progress.tokens += window_tokens
                 log.log(progress.step, "train", values)
