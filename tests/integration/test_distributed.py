@@ -30,3 +30,25 @@ def test_ddp_two_processes_equals_single_process(tmp_path):
               for run in (single, ddp)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)  # the same global loss at every logged step
     assert losses[0][-1] < losses[0][0]  # and training moved the weights
+
+
+def test_simclr_under_ddp_uses_the_global_batch(tmp_path):
+    """Negatives are gathered from both ranks: 2 x 16 trains exactly like 1 x 32 (no batch norm, whose
+    statistics are per rank)."""
+    common = ["backbone.size=tiny", "backbone.norm=false", "task.projection_norm=false", "data.size=8", "trainer.max_steps=4",
+              "trainer.precision=fp32", "trainer.progress=false", "trainer.tensorboard=false", "trainer.eval_every=100",
+              "trainer.log_every=1"]
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    pretune("pretrain", "recipes/image-simclr.yaml", f"run_dir={single}", *common, "trainer.batch_size=32")
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+         "-m", "pretune", "pretrain", "recipes/image-simclr.yaml", f"run_dir={ddp}", *common, "trainer.batch_size=16"],
+        env=ENV, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = weights(single / "model"), weights(ddp / "model")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=f"{name} differs")
+    losses = [[r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
+              for run in (single, ddp)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)

@@ -70,6 +70,7 @@ class ContrastiveConfig(Section):
     temperature: float = Field(0.5, gt=0)  # SimCLR: 0.5 for CIFAR-size images, 0.1 with very large batches
     projection_dim: int = Field(128, ge=1)
     projection_hidden: int | None = Field(None, ge=1)  # default: the backbone's feature size
+    projection_norm: bool = True  # batch norm in the projection head (SimCLR v2); per-rank statistics under DDP
     view_size: int | None = Field(None, ge=4)  # side of the augmented views (default: the image size)
     augment: AugmentConfig = AugmentConfig()
     monitor: MonitorConfig = MonitorConfig()
@@ -78,15 +79,17 @@ class ContrastiveConfig(Section):
 class ProjectionHead(nn.Sequential):
     """SimCLR's projection g(h): Linear -> BatchNorm -> ReLU -> Linear (the v2 head, as in lightly)."""
 
-    def __init__(self, features: int, hidden: int, out: int):
-        super().__init__(nn.Linear(features, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out))
+    def __init__(self, features: int, hidden: int, out: int, norm: bool = True):
+        super().__init__(nn.Linear(features, hidden, bias=not norm), nn.BatchNorm1d(hidden) if norm else nn.Identity(),
+                         nn.ReLU(inplace=True), nn.Linear(hidden, out))
 
 
 class SimCLRModel(nn.Module):
     def __init__(self, backbone: nn.Module, cfg: ContrastiveConfig):
         super().__init__()
         self.backbone = backbone
-        self.projector = ProjectionHead(backbone.num_features, cfg.projection_hidden or backbone.num_features, cfg.projection_dim)
+        self.projector = ProjectionHead(backbone.num_features, cfg.projection_hidden or backbone.num_features, cfg.projection_dim,
+                                        cfg.projection_norm)
         self.loss, self.temperature = cfg.loss, cfg.temperature
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
