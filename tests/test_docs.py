@@ -12,9 +12,20 @@ DOC = (Path(__file__).parents[1] / "docs" / "recipes.md").read_text()
 
 
 def test_every_recipe_key_is_documented():
+    from pretune.backbones.vision import VisionConfig
+    from pretune.data.arrays import ArrayDataConfig
+    from pretune.data.augment import AugmentConfig
+    from pretune.tasks.autoencoder import AutoencoderConfig
+    from pretune.tasks.contrastive import ContrastiveConfig
+    from pretune.tasks.gan import GANConfig
+    from pretune.tasks.supervised import ArrayClassifyConfig
+    from pretune.tasks.vision import MonitorConfig
+
     sections = [(Recipe, ""), (MLMConfig, "task."), (TransformerConfig, "backbone."), (DataConfig, "data."),
                 (TokenizerConfig, "data.tokenizer."), (TrainerConfig, "trainer."), (FinetuneConfig, "task."),
-                (LabelledDataConfig, "data.")]
+                (LabelledDataConfig, "data."), (ContrastiveConfig, "task."), (AutoencoderConfig, "task."), (GANConfig, "task."),
+                (ArrayClassifyConfig, "task."), (AugmentConfig, "task.augment."), (MonitorConfig, "task.monitor."),
+                (VisionConfig, "backbone."), (ArrayDataConfig, "data.")]
     missing = [prefix + name for model, prefix in sections for name, field in model.model_fields.items()
                if not hasattr(field.annotation, "model_fields") and f"`{prefix}{name}`" not in DOC]
     assert not missing, f"document these recipe keys in docs/recipes.md: {missing}"

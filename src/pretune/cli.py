@@ -42,9 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--column", help="the text column (default: the one the model was trained on)")
     predict.add_argument("--batch-size", type=int, default=32)
 
-    demo = sub.add_parser("demo", help="pretrain a tiny BERT on the embedded corpus, fine-tune it, compare with training from scratch")
+    demo = sub.add_parser("demo", help="pretrain on embedded text and digits, fine-tune on a few labels, compare with training from scratch")
     demo.add_argument("--run-dir", default="runs/demo")
-    demo.add_argument("--steps", type=int, default=None, help="optimizer steps (default: about 3 minutes of training on 2 CPU cores)")
+    demo.add_argument("--steps", type=int, default=None, help="pretraining steps of each act (default: about 4 minutes in all on 2 CPU cores)")
+    demo.add_argument("--images", action="store_true", help="only act 3: SimCLR on the embedded digits, then 5%% of the labels")
     return parser
 
 
@@ -78,9 +79,12 @@ def main(argv: list[str] | None = None) -> int:
             count = predict_file(args.model, args.inputs, args.out, args.column, args.batch_size)
             print(f"{count} predictions written to {args.out}")
         elif args.command == "demo":
-            from pretune.demo import run_demo
+            from pretune.demo import run_demo, run_image_demo
 
-            run_demo(args.run_dir, steps=args.steps)
+            if args.images:
+                run_image_demo(args.run_dir, steps=args.steps)
+            else:
+                run_demo(args.run_dir, steps=args.steps)
     except PretuneError as exc:
         print(f"pretune: error: {exc}", file=sys.stderr)
         return exc.exit_code

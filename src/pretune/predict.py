@@ -3,11 +3,18 @@
 The model folder is a standard Hugging Face folder (``AutoModelForSequenceClassification`` or
 ``AutoModelForTokenClassification`` loads it) plus ``pretune.json`` (task kind, label names, text
 columns, threshold), so predictions here and in plain ``transformers`` are the same.
+
+An image or vector classifier is a pretune vision folder (``config.json`` with ``"pretune":
+"vision"``, see :mod:`pretune.backbones.vision`); ``load`` returns a :class:`VisionPredictor` for
+it, which reads image files / folders and vector files with the training readers, at the model's
+input size and channels.
 """
 
 from __future__ import annotations
 
 import json
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +87,174 @@ class Predictor:
         return out
 
 
-def load(path: str | Path, device: str | None = None) -> Predictor:
-    """A fine-tuned model ready to predict: ``pretune.load("runs/clf/model").predict(["great film"])``."""
+class VisionPredictor:
+    """A fine-tuned image or vector classifier: the backbone (which normalises its input) plus the
+    linear head, as :class:`pretune.tasks.supervised.Classifier` trained it.
+
+    ``predict`` takes image file paths, a folder of images (flat or one sub-folder per class), a
+    vector file (CSV/TSV/Parquet/NPY/NPZ, for vector models), ``"builtin:digits"``, or a tensor /
+    numpy array of examples (``[N, C, H, W]`` pixels in [0, 1], uint8 pixels are divided by 255;
+    ``[N, D]`` vectors; one example without the batch dimension also works)."""
+
+    kind = "single"
+
+    def __init__(self, path: str | Path, device: str | None = None):
+        from pretune.backbones import vision
+        from pretune.tasks.supervised import Classifier
+
+        self.path = Path(path)
+        meta_file = self.path / "pretune.json"
+        if not meta_file.is_file():
+            raise CheckpointError(f"{self.path}: not a fine-tuned pretune model (no pretune.json)")
+        self.meta = json.loads(meta_file.read_text())
+        if self.meta.get("kind") != "single":
+            raise CheckpointError(f"{meta_file}: a {self.meta.get('task', 'pretraining')} model has no classification head to "
+                                  "predict with; fine-tune it first (recipes/image-classify.yaml model=...)")
+        config, state = vision.read_folder(self.path)
+        self.labels: list[str] = [str(name) for name in self.meta.get("label_names") or []]
+        self.input_shape: tuple[int, ...] = tuple(config["backbone"]["input_shape"])
+        self.modality = self.meta.get("modality") or ("image" if len(self.input_shape) == 3 else "vector")
+        model = Classifier(vision.VisionBackbone(config["backbone"]), int(config.get("outputs", len(self.labels))))
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{self.path}/model.safetensors: does not match its config.json "
+                                  f"({' '.join(str(exc).split())[:300]})") from None
+        if len(self.labels) != model.head.out_features:
+            raise CheckpointError(f"{meta_file}: {len(self.labels)} label names for a head of {model.head.out_features} outputs")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device).eval()
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
+        """Logits ``[N, K]`` of examples already shaped like ``input_shape`` (raw pixels / vectors)."""
+        starts = range(0, len(x), batch_size)
+        out = [self.model(x[start:start + batch_size].to(self.device)).logits.float().cpu()
+               for start in tqdm(starts, desc="predicting", disable=not progress, mininterval=2)]
+        return torch.cat(out) if out else torch.zeros(0, len(self.labels))
+
+    def predict(self, inputs: Any, batch_size: int = 64, progress: bool = False) -> list[dict[str, Any]]:
+        """One dict per example, ``label`` and ``probabilities`` (as for text classification)."""
+        return self._decode(self.logits(self.read(inputs).x, batch_size, progress))
+
+    def _decode(self, logits: torch.Tensor) -> list[dict[str, Any]]:
+        probs = logits.softmax(-1)
+        return [{"label": self.labels[int(p.argmax())], "probabilities": dict(zip(self.labels, p.tolist()))} for p in probs]
+
+    # -- inputs -------------------------------------------------------------------------------------
+    def read(self, inputs: Any, *, labelled: bool = False, classes: list[str] | None = None,
+             bad_files: str = "error", label: str | None = None) -> ArrayInputs:
+        """Examples shaped for the model, with where each came from (``{"path": ...}`` or
+        ``{"index": ...}``) and, when the source has them, their class names.  ``labelled``: the
+        source must have labels; ``classes``: keep only examples of these classes; ``bad_files``:
+        ``skip`` leaves undecodable images out (with a warning), ``error`` stops."""
+        from pretune.data.images import BUILTIN_DIGITS, EXTENSIONS, list_images, load_image_files
+
+        paths = keys = x = None
+        if isinstance(inputs, (str, Path)):
+            source = str(inputs)
+            if source == BUILTIN_DIGITS:
+                x, keys = self._digits()
+            elif self.modality == "vector":
+                from pretune.data.vectors import read_vectors
+
+                x, keys = read_vectors(source, label or self.meta.get("label", "label"))
+            elif Path(source).is_dir():
+                paths, keys = list_images(source)
+            elif Path(source).is_file():
+                if Path(source).suffix.lower() not in EXTENSIONS:
+                    raise DataError(f"{source}: not an image file ({', '.join(EXTENSIONS)}); give an image, a folder of images "
+                                    "or a list of image paths")
+                paths = [Path(source)]
+            else:
+                raise DataError(f"{source}: no such image folder or file")
+        elif isinstance(inputs, (list, tuple)) and inputs and all(isinstance(item, (str, Path)) for item in inputs):
+            if self.modality == "vector":
+                raise DataError("a vector model reads one vector file, a tensor or an array, not a list of paths")
+            source, paths = "the images", [Path(item) for item in inputs]
+            missing = next((p for p in paths if not p.is_file()), None)
+            if missing is not None:
+                raise DataError(f"{missing}: no such image file")
+        else:
+            source, x = "the inputs", self._as_tensor(inputs)
+
+        if labelled and keys is None:
+            what = "one sub-folder per class" if paths is not None else f"a {label or self.meta.get('label', 'label')!r} column (NPZ: array 'y')"
+            raise DataError(f"{source} has no labels; evaluating needs labelled data ({what})")
+        rows = list(range(len(paths if paths is not None else x)))
+        if classes is not None and keys is not None:
+            wanted = {str(name) for name in classes}
+            rows = [i for i in rows if keys[i] in wanted]
+            if not rows:
+                raise DataError(f"{source} holds no example of the classes {', '.join(map(str, classes))}")
+        skipped: list[str] = []
+        if paths is not None:
+            x, kept, skipped = load_image_files([paths[i] for i in rows], self._size(), self.input_shape[0], bad_files)
+            rows = [rows[i] for i in kept]
+            if skipped:
+                shown = ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+                print(f"pretune: warning: skipped {len(skipped)} unreadable image file(s): " + " ".join(shown.split()),
+                      file=sys.stderr, flush=True)
+        elif len(rows) != len(x):
+            x = x[rows]
+        if tuple(x.shape[1:]) != self.input_shape:
+            what = f"{x.shape[1]} features" if x.dim() == 2 else f"shape {tuple(x.shape[1:])}"
+            raise DataError(f"examples of {source} have {what} but the model takes inputs of shape {self.input_shape}")
+        origins = [{"path": str(paths[i])} for i in rows] if paths is not None else [{"index": i} for i in rows]
+        return ArrayInputs(x, origins, None if keys is None else [keys[i] for i in rows], skipped)
+
+    def _size(self) -> int | tuple[int, int]:
+        height, width = self.input_shape[1:]
+        return height if height == width else (height, width)
+
+    def _digits(self) -> tuple[torch.Tensor, list[str]]:
+        from pretune.data.images import load_digits
+
+        x, keys = load_digits(None, 1 if self.modality == "vector" else self.input_shape[0])
+        if self.modality == "vector":
+            return x.flatten(1), keys
+        if tuple(x.shape[2:]) != self.input_shape[1:]:  # as the training reader resizes them
+            x = torch.nn.functional.interpolate(x, size=self.input_shape[1:], mode="bilinear", align_corners=False, antialias=False)
+        return x.contiguous(), keys
+
+    def _as_tensor(self, inputs: Any) -> torch.Tensor:
+        import numpy as np
+
+        try:
+            x = inputs if isinstance(inputs, torch.Tensor) else torch.as_tensor(np.asarray(inputs))
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise DataError(f"cannot read the inputs as examples ({' '.join(str(exc).split())[:200]}); give file paths, a folder, "
+                            "a tensor or a numpy array") from None
+        if x.dtype == torch.uint8 and self.modality == "image":
+            x = x.float() / 255
+        if not (x.is_floating_point() or x.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool)):
+            raise DataError(f"the inputs hold {x.dtype} values; give real numbers")
+        x = x.detach().float().cpu()
+        if x.dim() == len(self.input_shape):  # one example
+            x = x[None]
+        if x.dim() != len(self.input_shape) + 1:
+            layout = "[N, C, H, W] pixels in [0, 1]" if self.modality == "image" else "[N, D] vectors"
+            raise DataError(f"the inputs have shape {tuple(x.shape)}; the model takes {layout} with {self.input_shape} per example")
+        if not torch.isfinite(x).all():
+            raise DataError("the inputs hold NaN or infinite values")
+        return x
+
+
+@dataclass
+class ArrayInputs:
+    x: torch.Tensor  # [N, *input_shape]
+    origins: list[dict[str, Any]]  # {"path": file} or {"index": row}, one per example
+    keys: list[str] | None  # class names, when the source is labelled
+    skipped: list[str]  # "path (reason)" of images left out by bad_files="skip"
+
+
+def load(path: str | Path, device: str | None = None) -> Predictor | VisionPredictor:
+    """A fine-tuned model ready to predict: ``pretune.load("runs/clf/model").predict(["great film"])``;
+    an image / vector classifier gives a :class:`VisionPredictor` (``.predict("photos/")``)."""
+    from pretune.backbones.vision import is_vision_folder
+
+    if is_vision_folder(path):
+        return VisionPredictor(path, device)
     return Predictor(path, device)
 
 
@@ -123,6 +296,8 @@ def read_inputs(path: str, column: str | None = None) -> tuple[list, list[dict]]
 
 def predict_file(model_dir: str, inputs: str, out: str, column: str | None = None, batch_size: int = 32) -> int:
     predictor = load(model_dir)
+    if isinstance(predictor, VisionPredictor):
+        return _predict_arrays_file(predictor, inputs, out, column, batch_size)
     texts, rows = read_inputs(inputs, column or predictor.meta.get("text"))
     pair_column = predictor.meta.get("text_pair")
     pairs = [row[pair_column] for row in rows] if pair_column and all(pair_column in r for r in rows) else None
@@ -135,12 +310,22 @@ def predict_file(model_dir: str, inputs: str, out: str, column: str | None = Non
     return len(results)
 
 
-def evaluate_file(model_dir: str, data_file: str, out: str | None = None, batch_size: int = 32) -> dict[str, Any]:
-    """Metrics of a fine-tuned model on a labelled file with the same columns as its training data."""
+def evaluate_file(model_dir: str, data_file: str, out: str | None = None, batch_size: int = 32, *,
+                  classes: list[str] | None = None, label: str | None = None, bad_files: str = "skip") -> dict[str, Any]:
+    """Metrics of a fine-tuned model on a labelled file with the same columns as its training data
+    (an image / vector classifier: a folder with one sub-folder per class, or a labelled vector file).
+
+    Image / vector models only: ``classes`` keeps the examples of these classes (as ``data.classes``),
+    ``label`` names the label column of a vector file, ``bad_files`` as ``data.bad_files``."""
     from pretune.data.labelled import LabelledDataConfig, read_labelled
     from pretune.evaluate import metrics as M
 
     predictor = load(model_dir)
+    if isinstance(predictor, VisionPredictor):
+        scores = _evaluate_arrays(predictor, data_file, batch_size, classes, label, bad_files)
+        if out:
+            Path(out).write_text(json.dumps(scores, indent=2))
+        return scores
     meta = predictor.meta
     cfg = LabelledDataConfig(train=data_file, text=meta.get("text", "text"), text_pair=meta.get("text_pair"),
                              label=meta.get("label", "label"), max_length=meta.get("max_length", 128))
@@ -161,3 +346,40 @@ def evaluate_file(model_dir: str, data_file: str, out: str | None = None, batch_
     if out:
         Path(out).write_text(json.dumps(scores, indent=2))
     return scores
+
+
+def _predict_arrays_file(predictor: VisionPredictor, inputs: str, out: str, column: str | None, batch_size: int) -> int:
+    """Predictions for an image folder / file or a vector file: JSONL (CSV/TSV when ``out`` ends so),
+    one row per image (``path``) or vector (``index``, 0-based row of the file)."""
+    if column is not None:
+        raise DataError("--column applies to text models; an image / vector model reads whole images or rows")
+    read = predictor.read(inputs, bad_files="skip")
+    results = predictor._decode(predictor.logits(read.x, batch_size, progress=True))
+    rows = [{**origin, **result} for origin, result in zip(read.origins, results)]
+    suffix = Path(out).suffix.lower()
+    with open(out, "w", encoding="utf-8", newline="" if suffix in (".csv", ".tsv") else None) as handle:
+        if suffix in (".csv", ".tsv"):  # flat: one probability column per class
+            import csv
+
+            writer = csv.writer(handle, delimiter="\t" if suffix == ".tsv" else ",")
+            where = next(iter(read.origins[0])) if read.origins else "path"
+            writer.writerow([where, "label", *(f"probability_{name}" for name in predictor.labels)])
+            for row in rows:
+                writer.writerow([row[where], row["label"], *(row["probabilities"][name] for name in predictor.labels)])
+        else:
+            for row in rows:
+                handle.write(json.dumps(row) + "\n")
+    return len(rows)
+
+
+def _evaluate_arrays(predictor: VisionPredictor, data: str, batch_size: int, classes: list[str] | None,
+                     label: str | None, bad_files: str) -> dict[str, Any]:
+    from pretune.data.arrays import _encode
+    from pretune.data.labelled import _not_in_map
+    from pretune.evaluate import metrics as M
+
+    read = predictor.read(data, labelled=True, classes=classes, bad_files=bad_files, label=label)
+    names = predictor.labels
+    truth = _encode(read.keys, names, data, _not_in_map(names))  # a class the model does not know: one line naming it
+    predicted = predictor.logits(read.x, batch_size, progress=True).argmax(-1)
+    return M.classification_metrics(truth.tolist(), predicted.tolist(), names)

@@ -92,10 +92,25 @@ def train(recipe: Recipe | str | Path, overrides: list[str] = (), *, resume: boo
 
 
 def _score_test(run_dir: Path, test_file: str) -> dict[str, float]:
+    from pretune.backbones.vision import is_vision_folder
     from pretune.evaluate.metrics import summary_table
     from pretune.predict import evaluate_file
 
-    scores = evaluate_file(str(run_dir / "model"), test_file, out=str(run_dir / "test_metrics.json"))
+    options: dict[str, Any] = {}
+    if is_vision_folder(run_dir / "model"):  # images / vectors: read the test set as the recipe's data section does
+        import sys
+
+        import yaml
+
+        from pretune.data.arrays import ArrayDataConfig
+
+        meta = json.loads((run_dir / "model" / "pretune.json").read_text())
+        if meta.get("kind") != "single":
+            print(f"pretune: note: data.test is not scored: a {meta.get('task')} model has no classification head", file=sys.stderr)
+            return {}
+        data = ArrayDataConfig.model_validate(yaml.safe_load((run_dir / "recipe.yaml").read_text()).get("data") or {})
+        options = {"classes": data.classes, "label": data.label, "bad_files": data.bad_files}
+    scores = evaluate_file(str(run_dir / "model"), test_file, out=str(run_dir / "test_metrics.json"), **options)
     scalars = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
     with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
         handle.write(json.dumps({"step": None, "split": "test", **scalars}) + "\n")

@@ -69,6 +69,8 @@ class ArrayDataConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _default_source(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "file" in data:  # `data.file=x.csv` on the command line replaces the recipe's vectors
+            data = {**{k: v for k, v in data.items() if k != "file"}, "vectors": data["file"]}
         if isinstance(data, dict) and all(data.get(key) is None for key in ("images", "vectors", "file")):
             data = {**data, "images": BUILTIN_DIGITS}
         return data

@@ -72,8 +72,9 @@ def _is_gray(image: Image.Image) -> bool:
     return image.mode in GRAY_MODES
 
 
-def _decode(path: Path, size: int | None, channels: Channels) -> np.ndarray:
-    """One image as uint8 ``[H, W]`` (gray) or ``[H, W, 3]``; raises whatever Pillow raises."""
+def _decode(path: Path, size: int | tuple[int, int] | None, channels: Channels) -> np.ndarray:
+    """One image as uint8 ``[H, W]`` (gray) or ``[H, W, 3]``; raises whatever Pillow raises.
+    ``size``: resize to ``size x size``, or to ``(height, width)``."""
     with Image.open(path) as image:
         image.load()  # decode now: Pillow reads lazily, and a truncated file fails only here
         gray = channels == 1 or (channels == "auto" and _is_gray(image))
@@ -81,7 +82,8 @@ def _decode(path: Path, size: int | None, channels: Channels) -> np.ndarray:
             image = Image.fromarray(np.clip(np.asarray(image, dtype=np.float64) / 257, 0, 255).round().astype(np.uint8))
         image = image.convert("L" if gray else "RGB")
         if size is not None:
-            image = image.resize((size, size), Image.Resampling.BILINEAR)
+            height, width = (size, size) if isinstance(size, int) else size
+            image = image.resize((width, height), Image.Resampling.BILINEAR)
         return np.asarray(image)
 
 
@@ -95,11 +97,12 @@ def _strict_decoding():
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
-def load_image_files(paths: list[Path], size: int | None, channels: Channels,
+def load_image_files(paths: list[Path], size: int | tuple[int, int] | None, channels: Channels,
                      bad_files: Literal["skip", "error"] = "skip") -> tuple[torch.Tensor, list[int], list[str]]:
     """``(x, kept, skipped)``: float32 ``[N, C, H, W]`` in [0, 1] of the files that decode, their
     positions in ``paths``, and ``"path (reason)"`` of the others.  ``channels="auto"`` gives 1
-    when every image is gray, else 3.  Without ``size`` all images must have the same size."""
+    when every image is gray, else 3.  ``size`` resizes to ``size x size`` (or ``(height, width)``);
+    without it all images must have the same size."""
     arrays, kept, skipped = [], [], []
     with _strict_decoding():
         for position, path in enumerate(paths):

@@ -90,6 +90,7 @@ class ClassifyData:
 class ArrayClassify(FinetuneTask):
     Config = ArrayClassifyConfig
     DataConfig = ArrayDataConfig
+    unit = "ex"
 
     def __init__(self, cfg: ArrayClassifyConfig, data_cfg: ArrayDataConfig, seed: int = 0, strategy: str = "full", head_lr_scale: float = 1.0):
         self.cfg, self.data_cfg, self.seed = cfg, data_cfg, seed
@@ -159,6 +160,8 @@ class ArrayClassify(FinetuneTask):
         vision.save_model(path, module.model, module.model.backbone, {"task": "classify", "outputs": len(self.label_names)})
         meta = {"task": "classify", "kind": self.kind, "label_names": self.label_names, "modality": data.arrays.modality,
                 "input_shape": list(data.arrays.shape), "head_dropout": self.cfg.head_dropout}
+        if data.arrays.modality == "vector":  # the label column a vector file is read with (predict / evaluate)
+            meta["label"] = self.data_cfg.label
         (path / "pretune.json").write_text(json.dumps(meta, indent=2))
 
     def _saved_labels(self, path: str) -> list[str] | None:

@@ -50,6 +50,7 @@ class ArrayTask:
     perplexity: tuple[str, ...] = ()
     monitor = ("knn_accuracy", "max")
     label_names = None  # pretraining ignores labels (only the k-NN monitor reads them)
+    unit = "ex"  # throughput is counted in examples (images or vectors): the progress bar shows ex/s
 
     def __init__(self, cfg: Any, data_cfg: ArrayDataConfig, seed: int = 0):
         self.cfg, self.data_cfg, self.seed = cfg, data_cfg, seed

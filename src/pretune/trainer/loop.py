@@ -206,7 +206,7 @@ def fit(task: Any, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path, 
                               tokens_per_s=window_tokens / elapsed, examples_per_s=window_examples / elapsed, mfu=window_flops / elapsed / peak if peak else 0.0)
                 progress.tokens += window_tokens
                 log.log(progress.step, "train", values)
-                log.progress(progress.step, {"loss": values.get("loss", float("nan")), "tok/s": round(values["tokens_per_s"]),
+                log.progress(progress.step, {"loss": values.get("loss", float("nan")), f"{getattr(task, 'unit', 'tok')}/s": round(values["tokens_per_s"]),
                                              "mfu": f"{values['mfu']:.1%}"})
                 sums, counts = {}, {}
                 window_start, window_tokens, window_examples, window_flops = time.perf_counter(), 0, 0, 0.0
