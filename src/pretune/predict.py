@@ -232,7 +232,7 @@ class VisionPredictor:
         x = x.detach().float().cpu()
         if x.dim() == len(self.input_shape):  # one example
             x = x[None]
-        if x.dim() != len(self.input_shape) + 1:
+        if x.dim() != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
             layout = "[N, C, H, W] pixels in [0, 1]" if self.modality == "image" else "[N, D] vectors"
             raise DataError(f"the inputs have shape {tuple(x.shape)}; the model takes {layout} with {self.input_shape} per example")
         if not torch.isfinite(x).all():
