@@ -18,6 +18,7 @@ def test_every_recipe_key_is_documented():
     from pretune.tasks.autoencoder import AutoencoderConfig
     from pretune.tasks.contrastive import ContrastiveConfig
     from pretune.tasks.gan import GANConfig
+    from pretune.tasks.simcse import SimCSEConfig
     from pretune.tasks.supervised import ArrayClassifyConfig
     from pretune.tasks.vision import MonitorConfig
 
@@ -25,7 +26,8 @@ def test_every_recipe_key_is_documented():
                 (TokenizerConfig, "data.tokenizer."), (TrainerConfig, "trainer."), (FinetuneConfig, "task."),
                 (LabelledDataConfig, "data."), (ContrastiveConfig, "task."), (AutoencoderConfig, "task."), (GANConfig, "task."),
                 (ArrayClassifyConfig, "task."), (AugmentConfig, "task.augment."), (MonitorConfig, "task.monitor."),
-                (VisionConfig, "backbone."), (ArrayDataConfig, "data.")]
+                (VisionConfig, "backbone."), (ArrayDataConfig, "data."),
+                (SimCSEConfig, "task.")]
     missing = [prefix + name for model, prefix in sections for name, field in model.model_fields.items()
                if not hasattr(field.annotation, "model_fields") and f"`{prefix}{name}`" not in DOC]
     assert not missing, f"document these recipe keys in docs/recipes.md: {missing}"

@@ -20,4 +20,4 @@ validation metrics such as k-NN accuracy), ``prepare`` (cached features), ``scor
 the whole validation set), ``monitor`` (the metric that picks the best checkpoint).
 """
 
-from pretune.tasks import autoencoder, clm, contrastive, finetune, gan, mlm, supervised  # noqa: F401  (registers the tasks)
+from pretune.tasks import autoencoder, clm, contrastive, finetune, gan, mlm, simcse, supervised  # noqa: F401  (registers the tasks)

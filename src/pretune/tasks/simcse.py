@@ -1,0 +1,109 @@
+"""SimCSE (Gao et al. 2021, unsupervised): contrastive pretraining of a text encoder, with
+dropout as the only augmentation.
+
+Every text block goes through the encoder twice in one batch; the two copies see different
+dropout masks, so they are two "views" of the same text.  The InfoNCE loss (temperature 0.05 in
+the paper) makes each first view pick its own second view among all second views of the batch:
+``-log exp(s(h_i, h'_i)/t) / sum_j exp(s(h_i, h'_j)/t)``.  The representation is the ``[CLS]``
+state (``pooling: cls``, the paper's choice for a pretrained BERT) or the mean over tokens
+(``pooling: mean``, the default: what sentence-transformers models use, and the one that learns from a
+randomly initialised encoder, whose ``[CLS]`` states start out nearly identical for every text so the
+loss sits at ``log(batch)`` for a long time).  Dropout must be on: a backbone with ``hidden_dropout_prob: 0`` would give identical
+views and a trivial task, so it is refused.
+
+The examples are the packed text blocks of ``data`` (``block_size`` tokens, like MLM), and the
+saved ``model/`` is the encoder as a Hugging Face folder (``AutoModel`` loads it; fine-tuning adds
+a head as for any encoder).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+from transformers import AutoModel
+
+from pretune.backbones.transformers import TransformerConfig, build_model
+from pretune.data.text import TextData
+from pretune.errors import RecipeError
+from pretune.recipe import DataConfig, Section
+from pretune.registry import TASKS
+from pretune.tasks.common import save_hf, special_ids, stack_rows, text_data
+from pretune.tasks.contrastive import info_nce
+from pretune.trainer.flops import transformer_training_flops
+
+
+class SimCSEConfig(Section):
+    name: Literal["simcse"] = "simcse"
+    temperature: float = Field(0.05, gt=0)
+    pooling: Literal["cls", "mean"] = "mean"
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Tensor:
+    if how == "cls":
+        return hidden[:, 0]
+    if mask is None:
+        return hidden.mean(1)
+    mask = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+class SimCSEModel(nn.Module):
+    def __init__(self, model: nn.Module, cfg: SimCSEConfig):
+        super().__init__()
+        self.model, self.temperature, self.pooling = model, cfg.temperature, cfg.pooling
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        twice = {"input_ids": ids.repeat(2, 1)}  # one forward pass: each copy draws its own dropout mask
+        if mask is not None:
+            twice["attention_mask"] = mask.repeat(2, 1)
+        hidden = self.model(**twice).last_hidden_state
+        z = pool(hidden, twice.get("attention_mask"), self.pooling)
+        loss, correct = info_nce(z[: len(ids)], z[len(ids):], self.temperature)
+        return {"contrastive": loss, "contrastive_correct": correct}
+
+
+@TASKS.register("simcse")
+class SimCSE:
+    Config = SimCSEConfig
+    DataConfig = DataConfig
+    family = "encoder"
+    losses = ("contrastive",)
+    perplexity: tuple[str, ...] = ()
+
+    def __init__(self, cfg: SimCSEConfig, data_cfg: DataConfig, seed: int = 0):
+        self.cfg, self.data_cfg, self.seed = cfg, data_cfg, seed
+
+    def data(self, tokenizer_path: str | None = None) -> TextData:
+        return text_data(self.data_cfg, family="encoder", nsp=False, seed=self.seed, tokenizer_path=tokenizer_path)
+
+    def build(self, backbone: TransformerConfig, data: TextData) -> SimCSEModel:
+        if not isinstance(backbone, TransformerConfig):
+            raise RecipeError("recipe key 'backbone.name': simcse pretrains text encoders (bert or a local Hugging Face folder)")
+        model = build_model(backbone, AutoModel, vocab_size=len(data.tokenizer), special=special_ids(data.tokenizer),
+                            max_positions=len(data.train[0]["input_ids"]))
+        if getattr(model.config, "hidden_dropout_prob", 0.1) == 0:
+            raise RecipeError("recipe key 'backbone.config.hidden_dropout_prob': SimCSE uses dropout as its augmentation; it must be > 0")
+        return SimCSEModel(model, self.cfg)
+
+    def collate(self, rows: dict[str, list], seeds: list[int]) -> dict[str, torch.Tensor]:
+        return stack_rows(rows)
+
+    def units(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        n = torch.tensor(float(len(batch["input_ids"])))
+        return {"contrastive": n, "contrastive_correct": n}
+
+    def tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["input_ids"].numel())
+
+    def flops(self, module: SimCSEModel, batch: dict[str, torch.Tensor]) -> float:
+        ids = batch["input_ids"]
+        return transformer_training_flops(module.model.config, 2 * ids.numel(), ids.shape[1], 0)
+
+    def save(self, module: SimCSEModel, path: Path, data: TextData) -> None:
+        save_hf(module.model, data.tokenizer, path, {"task": "simcse", "family": self.family, "pooling": self.cfg.pooling})
