@@ -44,10 +44,10 @@ class CausalLM(nn.Module):
         hidden = self.model.base_model(input_ids=input_ids[:, :-1]).last_hidden_state
         logits = self.head(hidden).float().flatten(0, 1)
         targets = input_ids[:, 1:].flatten()
-        return {
-            "clm": F.cross_entropy(logits, targets, reduction="sum"),
-            "clm_correct": (logits.argmax(-1) == targets).sum(),
-        }
+        out = {"clm": F.cross_entropy(logits, targets, reduction="sum")}
+        if not self.training:  # next-token accuracy for validation only: an argmax over the whole vocabulary
+            out["clm_correct"] = (logits.argmax(-1) == targets).sum()  # at every position costs ~1.5% of a step
+        return out
 
 
 @TASKS.register("clm")
