@@ -39,3 +39,21 @@ class TrainingError(PretuneError):
     """Training cannot go on (non-finite loss, out of memory, ...); the last checkpoint is intact."""
 
     exit_code = 6
+
+
+class ResourceError(TrainingError):
+    """The machine ran out of something (memory, disk); the last checkpoint is intact."""
+
+    exit_code = 7
+
+
+class DistributedError(TrainingError):
+    """Another process of a multi-process run failed or stopped answering."""
+
+    exit_code = 8
+
+
+class UnsafeFileError(CheckpointError):
+    """A weights file is a pickle, which can run code when loaded; refused without ``--trust-pickle``."""
+
+    exit_code = 9

@@ -37,7 +37,10 @@ class Predictor:
             raise CheckpointError(f"{meta_file}: a {self.meta.get('task', 'pretraining')} model has no task head to predict with; fine-tune it first")
         auto = transformers.AutoModelForTokenClassification if self.kind == "tags" else transformers.AutoModelForSequenceClassification
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = auto.from_pretrained(str(self.path)).to(self.device).eval()
+        from pretune.trainer.checkpoint import check_model_folder, pickle_trusted
+
+        check_model_folder(self.path)  # weights only from safetensors unless --trust-pickle
+        self.model = auto.from_pretrained(str(self.path), use_safetensors=None if pickle_trusted() else True).to(self.device).eval()
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(self.path))
         self.labels: list[str] = self.meta.get("label_names") or []
 

@@ -204,6 +204,10 @@ def build_backbone(cfg: VisionConfig, input_shape: tuple[int, ...], mean: torch.
         spec.update(config=cfg.config, weights=cfg.weights if cfg.pretrained else None)
         if cfg.weights and not Path(cfg.weights).is_file():
             raise RecipeError(f"recipe key 'backbone.weights': {cfg.weights} does not exist")
+        if cfg.weights and cfg.pretrained:
+            from pretune.trainer.checkpoint import check_weights_file
+
+            check_weights_file(cfg.weights, "recipe key 'backbone.weights'")  # a .pth is a pickle: refused unless trusted
     backbone = VisionBackbone(spec, mean, std)
     backbone.spec.pop("weights", None)  # the weights are in the model now; a saved folder must not point at the file
     return backbone

@@ -111,6 +111,7 @@ def _read_text(path: str) -> str:
 
 
 def _read_csv(path: str, delimiter: str):
+    csv.field_size_limit(2**31 - 1)  # long documents are fields too (the default limit is 128 KiB)
     reader = csv.reader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter)
     try:
         header = next(reader, [])
@@ -183,6 +184,8 @@ def _parse(path: str, cfg: LabelledDataConfig, kind: str) -> tuple[dict[str, lis
     for column in text_columns:
         texts[column] = [_words(value) if kind == "tags" else value for value in table[column]]
         for row, value in enumerate(texts[column], 1):
+            if kind != "tags" and value is not None and not isinstance(value, str):  # e.g. a JSON object in a text column
+                raise DataError(f"row {row} of {path} column {column!r} holds {type(value).__name__} {str(value)[:40]!r}, not text")
             if not value or not str(value).strip():
                 raise DataError(f"empty text in row {row} of {path} column {column!r}")
     labels = []

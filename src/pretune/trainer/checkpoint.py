@@ -11,23 +11,47 @@
 
 Every checkpoint is written into a temporary folder, flushed to disk and renamed into place,
 so a folder named ``step-*`` is always complete; a kill during a save leaves the previous
-checkpoint as the latest.  Trainer state is read with ``torch.load(weights_only=True)``.
+checkpoint as the latest (a leftover ``.tmp-*`` folder is never a checkpoint).  Trainer state is
+read with ``torch.load(weights_only=True)``, always passed explicitly (so ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``
+cannot turn it off); weights come only from safetensors files.  Weights from outside that are
+pickles (``pytorch_model.bin``, a timm ``.pth``) are refused unless the user trusts them
+(``--trust-pickle`` or ``PRETUNE_TRUST_PICKLE=1``; see docs/reliability.md).  A failed save (disk
+full, a kill) never removes the previous checkpoint.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 from typing import Any, Callable
 
 import safetensors.torch
 import torch
 
-from pretune.errors import CheckpointError
+from pretune.errors import CheckpointError, ResourceError, UnsafeFileError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+_CRASH_AT = os.environ.get("PRETUNE_CRASH_AT")  # fault injection for the reliability tests (see crash_point)
+
+
+def crash_point(*where: object) -> None:
+    """Testing aid: SIGKILL this process here if ``PRETUNE_CRASH_AT`` names this point.
+
+    ``PRETUNE_CRASH_AT=save:step-00000006`` kills in the middle of writing that checkpoint,
+    ``eval:8`` during the evaluation at step 8, ``micro:5:0`` after the first micro-batch of step 5
+    (mid gradient accumulation); a suffix ``@R`` kills only the process of rank R (``torchrun``).
+    Costs one comparison when the variable is unset.
+    """
+    if _CRASH_AT is None:
+        return
+    point, _, rank = _CRASH_AT.partition("@")
+    if point == ":".join(str(part) for part in where) and rank in ("", os.environ.get("RANK", "0")):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fsync_tree(path: Path) -> None:
@@ -47,20 +71,64 @@ def write_atomically(target: Path, write: Callable[[Path], None]) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         write(tmp)
+        crash_point("save", target.name)
         _fsync_tree(tmp)
         if target.exists():
             old = target.parent / f".old-{target.name}-{os.getpid()}"
             os.rename(target, old)
+            crash_point("swap", target.name)  # the one moment `target` is missing: recover() puts `old` back
             os.rename(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, target)
-    except BaseException:
+        _fsync_dir(target.parent)
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and "write" in str(exc)):  # torch.save wraps ENOSPC
+            raise _save_error(target, exc) from None
         raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_error(target: Path, exc: BaseException) -> Exception:
+    """A failed save as one line: what failed, and that the previous checkpoint is still there."""
+    previous = latest_checkpoint(target.parent.parent) if target.parent.name == "checkpoints" else None
+    kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint was touched"
+    disk_full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "write failed" in str(exc)
+    if disk_full:
+        free = shutil.disk_usage(target.parent).free if target.parent.exists() else 0
+        return ResourceError(f"disk full while saving {target} ({free / 2**20:.0f} MiB free); {kept}; "
+                             f"free some space (or lower trainer.keep_last) and resume with --resume")
+    return CheckpointError(f"cannot save {target} ({type(exc).__name__}: {exc}); {kept}")
+
+
+def recover(run_dir: Path) -> None:
+    """Tidy a run directory after a crash: put back a folder killed mid-replacement, drop half-written ones.
+
+    A kill between the two renames of :func:`write_atomically` leaves ``.old-NAME-PID`` (complete)
+    and no ``NAME``; the old folder is put back.  Every ``.tmp-*`` folder is incomplete and removed.
+    """
+    for parent in (Path(run_dir), Path(run_dir) / "checkpoints"):
+        if not parent.is_dir():
+            continue
+        for leftover in sorted(parent.iterdir()):
+            match = re.match(r"^\.(old|tmp)-(.+)-\d+$", leftover.name)
+            if not match or not leftover.is_dir():
+                continue
+            if match.group(1) == "old" and not (parent / match.group(2)).exists():
+                os.rename(leftover, parent / match.group(2))
+            else:
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def save_checkpoint(run_dir: Path, step: int, module: torch.nn.Module, save_model: Callable[[Path], None],
@@ -112,8 +180,57 @@ def load_module(checkpoint: Path, module: torch.nn.Module) -> None:
 
 
 def load_state(checkpoint: Path) -> dict[str, Any]:
+    """The trainer state of a checkpoint, through the restricted unpickler (tensors, numbers, containers only)."""
     path = checkpoint / "state.pt"
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)  # explicit: beats TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD
     except Exception as exc:  # any failure to unpickle safely is the same problem for the user
         raise CheckpointError(f"{path}: cannot be loaded as trainer state ({type(exc).__name__}: {exc})") from None
+
+
+# -- weights from outside: safetensors only, unless the user trusts a pickle -----------------------------
+TRUST_PICKLE_ENV = "PRETUNE_TRUST_PICKLE"
+
+
+def pickle_trusted() -> bool:
+    """Whether the user allowed pickle weights files (``--trust-pickle`` sets ``PRETUNE_TRUST_PICKLE=1``)."""
+    return os.environ.get(TRUST_PICKLE_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def _refuse(path: Path, what: str) -> UnsafeFileError:
+    return UnsafeFileError(
+        f"{path}: {what} is a pickle file, which can run code when loaded; convert it to safetensors, "
+        f"or pass --trust-pickle (or set {TRUST_PICKLE_ENV}=1) if you trust where it came from")
+
+
+def check_weights_file(path: str | Path, what: str = "the weights file") -> None:
+    """Refuse a weights file that is not safetensors (``.pth``, ``.pt``, ``.bin``...) unless pickles are trusted."""
+    path = Path(path)
+    if path.name.endswith(".safetensors") or pickle_trusted():
+        return
+    raise _refuse(path, what)
+
+
+def check_model_folder(path: str | Path) -> None:
+    """Refuse a Hugging Face folder whose weights would be read from a pickle, unless pickles are trusted.
+
+    Hugging Face reads ``model.safetensors`` (or a sharded index) first; a folder with only
+    ``pytorch_model.bin``, a ``config.json`` whose ``transformers_weights`` names a non-safetensors
+    file, or PEFT adapters only in ``adapter_model.bin`` would be unpickled.
+    """
+    path = Path(path)
+    if pickle_trusted() or not path.is_dir():
+        return
+    names = {p.name for p in path.iterdir()}
+    has_safe = any(n.endswith((".safetensors", ".safetensors.index.json")) and not n.startswith("adapter_model") for n in names)
+    pickles = sorted(n for n in names if n.startswith("pytorch_model") and n.endswith((".bin", ".bin.index.json")))
+    if pickles and not has_safe:
+        raise _refuse(path / pickles[0], "the model's only weights file")
+    if "adapter_config.json" in names and "adapter_model.bin" in names and "adapter_model.safetensors" not in names:
+        raise _refuse(path / "adapter_model.bin", "the adapter weights file")
+    try:
+        explicit = json.loads((path / "config.json").read_text()).get("transformers_weights")
+    except (OSError, ValueError, AttributeError):
+        explicit = None
+    if isinstance(explicit, str) and not explicit.endswith((".safetensors", ".safetensors.index.json")):
+        raise _refuse(path / explicit, "the weights file named by config.json (transformers_weights)")
