@@ -53,5 +53,7 @@ def test_shipped_recipes_validate():
 
     from pretune.run import build_task
 
-    for path in sorted(Path(__file__).parents[1].glob("recipes/*.yaml")):
-        build_task(load_recipe(path))
+    from pretune.studies.compare import load_study
+
+    for path in sorted(Path(__file__).parents[1].glob("recipes/*.yaml")):  # study-*.yaml: study keys + a fine-tuning recipe
+        build_task(load_study(path)[2] if path.name.startswith("study-") else load_recipe(path))

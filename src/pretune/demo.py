@@ -10,6 +10,10 @@ Act 3 (``pretune demo --images`` runs it alone): SimCLR contrastive pretraining 
 the embedded handwritten digits without their labels, then fine-tuning with 5% of the labels,
 beside the same CNN trained from scratch on those labels; both scored on held-out digits that
 pretraining never saw.
+Acts 2 and 3 are label-efficiency studies (:mod:`pretune.studies.compare`): each arm also runs at
+100% of the labels, and the demo ends by writing the studies' reports (``report.html`` with the
+plots) and printing their headline: how few labels the pretrained model needs to match the network
+trained from scratch on all of them.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ def pretrain_recipe(run_dir: Path, steps: int | None):
 def finetune_recipe(run_dir: Path, model: Path, data_dir: Path, pretrained: bool, epochs: int):
     return load_recipe(None, [
         "kind=finetune", f"run_dir={run_dir}", "task=classify", "strategy=full", f"model={model}", f"backbone.pretrained={str(pretrained).lower()}",
-        f"data.train={data_dir / 'train.csv'}", "data.validation=null", "data.max_length=64",
+        f"data.train={data_dir / 'train.csv'}", f"data.test={data_dir / 'test.csv'}", "data.validation=null", "data.max_length=64",
         "trainer.lr=1e-3", "trainer.head_lr=null", "trainer.schedule=linear", "trainer.warmup=0.1", "trainer.batch_size=32",
         f"trainer.epochs={epochs}", "trainer.eval_every=epoch", "trainer.patience=null", "trainer.save_every=100000",
     ])
@@ -94,16 +98,14 @@ def image_finetune_recipe(run_dir: Path, model: Path | None, budget: float, epoc
 
 
 def run_image_demo(run_dir: str = "runs/demo", steps: int | None = None, budget: float = 0.05, epochs: int = 30) -> dict:
-    """Act 3: contrastive pretraining on unlabelled digits, then 5% of the labels: pretrained vs scratch."""
+    """Act 3: contrastive pretraining on unlabelled digits, then 5% (and 100%) of the labels: pretrained vs scratch."""
     root = Path(run_dir)
     print("pretune demo, act 3: SimCLR on handwritten digits without labels, then fine-tuning on 5% of the labels")
     pre = train(simclr_recipe(root / "simclr", steps), overwrite=True)
     evals = [r for r in map(json.loads, (pre.run_dir / "metrics.jsonl").read_text().splitlines()) if r["split"] == "validation"]
-    accuracy = {}
-    for arm, model in (("pretrained", pre.model_dir), ("scratch", None)):
-        run = train(image_finetune_recipe(root / f"digits-{arm}", model, budget, epochs), overwrite=True)
-        rows = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
-        accuracy[arm] = [r for r in rows if r["split"] == "validation"][-1]["accuracy"]  # the last epoch: no selection on the scored set
+    # each cell is scored by its last validation evaluation: no model selection on the scored digits
+    study = run_pretrained_vs_scratch(image_finetune_recipe(root / "study-digits", pre.model_dir, budget, epochs), [budget, 1.0])
+    accuracy = _means(study, budget)
     n_labels = len(_image_data(budget).train)
     print("\nsummary (act 3)")
     print(f"  SimCLR:            {len(_image_data(None).unlabelled_train)} unlabelled 16x16 digits, contrastive loss "
@@ -111,7 +113,24 @@ def run_image_demo(run_dir: str = "runs/demo", steps: int | None = None, budget:
     print(f"  fine-tuning:       {n_labels} labelled digits ({budget:.0%} of the labels), {len(_image_data(None).validation)} held out")
     print(f"  held-out accuracy: SimCLR-pretrained + fine-tuned {accuracy['pretrained']:.1%}  vs  same CNN from scratch {accuracy['scratch']:.1%}")
     print(f"  pretrained model:  {pre.model_dir} (pretune finetune recipes/image-classify.yaml model={pre.model_dir})")
-    return {"knn_before": evals[0]["knn_accuracy"], "knn_after": evals[-1]["knn_accuracy"], "accuracy": accuracy, "labels": n_labels}
+    print(f"  study report:      {study.report}")
+    print(f"  headline:          {study.headline}")
+    return {"knn_before": evals[0]["knn_accuracy"], "knn_after": evals[-1]["knn_accuracy"], "accuracy": accuracy, "labels": n_labels,
+            "study": study}
+
+
+def run_pretrained_vs_scratch(recipe, budgets: list[float]):
+    """The demo's comparisons as a label-efficiency study: the recipe's model fine-tuned in full and
+    the same network from scratch, at each budget, one seed (see :mod:`pretune.studies.compare`)."""
+    from pretune.studies.compare import StudyConfig, run_study
+
+    return run_study(recipe.model_dump(mode="json"), StudyConfig(budgets=budgets, seeds=1, strategies=["full"]), overwrite=True)
+
+
+def _means(study, budget: float) -> dict[str, float]:
+    """{"pretrained": mean score of the pretrained arm at ``budget``, "scratch": ...}."""
+    means = {s["arm"]: s["mean"] for s in study.summary if s["budget"] == budget}
+    return {"pretrained": means["pretrained full"], "scratch": means["scratch"]}
 
 
 def _image_data(budget: float | None):
@@ -120,7 +139,9 @@ def _image_data(budget: float | None):
     return build_array_data(ArrayDataConfig(images="builtin:digits", size=16, validation_fraction=0.2, budget=budget))
 
 
-def run_demo(run_dir: str = "runs/demo", steps: int | None = None, finetune_epochs: int = 3, images: bool = True) -> dict:
+def run_demo(run_dir: str = "runs/demo", steps: int | None = None, finetune_epochs: int = 3, images: bool = True,
+             image_epochs: int = 30, budget: float = 0.1) -> dict:
+    """Acts 1-3 (``images=False``: acts 1 and 2); returns the numbers the summary prints."""
     root = Path(run_dir)
     print("pretune demo, act 1: masked-LM pretraining of a tiny BERT on Python standard-library docstrings (embedded, PSF licence)")
     result = train(pretrain_recipe(root / "pretrain", steps), overwrite=True)
@@ -131,10 +152,10 @@ def run_demo(run_dir: str = "runs/demo", steps: int | None = None, finetune_epoc
 
     print("\npretune demo, act 2: which standard-library package does a docstring document? (fine-tuning vs from scratch)")
     n_train, n_test, n_classes = write_topics(root / "topics")
-    accuracy = {}
-    for arm, pretrained in (("pretrained", True), ("scratch", False)):
-        run = train(finetune_recipe(root / f"finetune-{arm}", result.model_dir, root / "topics", pretrained, finetune_epochs), overwrite=True)
-        accuracy[arm] = _test_accuracy(run.model_dir, root / "topics" / "test.csv")
+    # every cell is scored on the held-out docstrings (data.test)
+    study = run_pretrained_vs_scratch(finetune_recipe(root / "study-topics", result.model_dir, root / "topics", True, finetune_epochs),
+                                      [budget, 1.0])
+    accuracy = _means(study, 1.0)
 
     print("\nsummary")
     picks = train_rows[:: max(1, len(train_rows) // 6)] + train_rows[-1:]
@@ -148,18 +169,19 @@ def run_demo(run_dir: str = "runs/demo", steps: int | None = None, finetune_epoc
     print(f"  topic task:        {n_classes} packages, {n_train} labelled docstrings for training, {n_test} held out")
     print(f"  test accuracy:     pretrained + fine-tuned {accuracy['pretrained']:.1%}  vs  same network from scratch {accuracy['scratch']:.1%}"
           f"  (majority class {_majority(root / 'topics'):.1%})")
-    print(f"  fine-tuned model:  {root / 'finetune-pretrained' / 'model'} (pretune predict / pretune.load / AutoModelForSequenceClassification)")
-    out = {"before": before, "after": after, "model_dir": str(result.model_dir), "accuracy": accuracy}
+    print(f"  fine-tuned model:  {study.study_dir / 'cells' / 'pretrained-full_budget-1.0_seed-0' / 'model'} "
+          "(pretune predict / pretune.load / AutoModelForSequenceClassification)")
+    out = {"before": before, "after": after, "model_dir": str(result.model_dir), "accuracy": accuracy, "study": study}
     if images:
         print()
-        out["images"] = run_image_demo(run_dir, steps=steps)
+        out["images"] = run_image_demo(run_dir, steps=steps, epochs=image_epochs)
+    print("\ndid pretraining pay off? (label-efficiency studies; reports with plots)")
+    print(f"  docstring topics:  {study.headline}")
+    print(f"                     {study.report}")
+    if images:
+        print(f"  digits:            {out['images']['study'].headline}")
+        print(f"                     {out['images']['study'].report}")
     return out
-
-
-def _test_accuracy(model_dir: Path, test_file: Path) -> float:
-    from pretune.predict import evaluate_file
-
-    return evaluate_file(str(model_dir), str(test_file))["accuracy"]
 
 
 def _majority(data_dir: Path) -> float:

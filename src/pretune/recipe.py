@@ -73,6 +73,7 @@ class TrainerConfig(Section):
     clip: float | None = Field(1.0, gt=0)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     compile: bool = False
+    fast_dropout: bool = True  # CPU: dropout masks from torch.rand instead of bernoulli_ (same operation, 2-3x cheaper)
     workers: int = Field(0, ge=0)  # data-loader worker processes (collation, masking, augmentation)
     eval_every: int | Literal["epoch"] = 200
     patience: int | None = Field(None, ge=1)  # stop after this many evaluations without improvement
@@ -84,6 +85,8 @@ class TrainerConfig(Section):
     progress: bool = True
     tensorboard: bool = True
     threads: int | None = Field(None, ge=1)
+    on_nan: Literal["stop", "skip"] = "stop"  # a non-finite loss or gradient: stop, or skip that optimizer step
+    max_nan_skips: int = Field(5, ge=1)  # on_nan=skip: stop after this many skipped steps in a row
 
 
 class Recipe(Section):

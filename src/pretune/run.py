@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ import torch
 
 from pretune.backbones import backbone_config
 from pretune.data.arrays import modality
-from pretune.errors import CheckpointError, RecipeError
+from pretune.errors import CheckpointError, DistributedError, RecipeError, ResourceError, UnsafeFileError
 from pretune.recipe import Recipe, load_recipe
 from pretune.registry import TASKS
 from pretune.trainer import checkpoint, distributed
@@ -49,10 +51,12 @@ def build_task(recipe: Recipe) -> Any:
     return task_class(task_cfg, data_cfg, seed=recipe.seed)
 
 
-def train(recipe: Recipe | str | Path, overrides: list[str] = (), *, resume: bool = False, overwrite: bool = False) -> RunResult:
+def train(recipe: Recipe | str | Path, overrides: list[str] = (), *, resume: bool = False, overwrite: bool = False,
+          on_eval: Any = None) -> RunResult:
     """Run (or resume) the training described by ``recipe``; returns the run directory and final metrics.
 
     ``recipe`` is a :class:`Recipe`, a YAML file, or, with ``resume=True``, a run directory.
+    ``on_eval(step, metrics)`` is called after each validation (see :func:`pretune.trainer.loop.fit`).
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, list(overrides))
@@ -76,19 +80,47 @@ def train(recipe: Recipe | str | Path, overrides: list[str] = (), *, resume: boo
     if not world.main:
         data = task.data(tokenizer_path=str(saved_tokenizer))
     torch.manual_seed(recipe.seed)
-    module = task.build(backbone, data)
+    try:
+        module = task.build(backbone, data)
+    except pickle.UnpicklingError as exc:  # --trust-pickle, but the file holds more than tensors
+        where = getattr(backbone, "weights", None) or getattr(backbone, "path", None)
+        raise UnsafeFileError(f"{where}: refused by torch's restricted unpickler even with --trust-pickle: "
+                              f"{next((l for l in str(exc).splitlines() if 'Unpickler error' in l), str(exc))[:300]}") from None
     if resume_from is not None:
         checkpoint.load_module(resume_from, module)
     if hasattr(task, "prepare"):  # e.g. a linear probe encodes the data once with the frozen backbone
         data = task.prepare(module, data, world.device, resolve(recipe.trainer.precision, world.device))
     try:
-        metrics = fit(task, module, data, recipe, run_dir, world, resume_from=resume_from)
+        metrics = fit(task, module, data, recipe, run_dir, world, resume_from=resume_from, on_eval=on_eval)
+    except RuntimeError as exc:  # out of memory, a lost peer process: one line, the last checkpoint intact
+        raise _runtime_failure(exc, recipe, run_dir, world) or exc
     finally:
         distributed.shutdown(world)
     test_file = getattr(getattr(task, "data_cfg", None), "test", None)
     if test_file and world.main:  # the held-out test set, scored once with the final (best) model
         metrics = {**metrics, **{f"test_{k}": v for k, v in _score_test(run_dir, test_file).items()}}
     return RunResult(run_dir, metrics)
+
+
+def _runtime_failure(exc: RuntimeError, recipe: Recipe, run_dir: Path, world: distributed.World) -> Exception | None:
+    """Out-of-memory or a lost peer during :func:`fit` as a one-line :class:`PretuneError` (None: a bug, re-raised)."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    latest = checkpoint.latest_checkpoint(run_dir)
+    kept = f"the last checkpoint {latest} is intact (resume with --resume)" if latest else "no checkpoint was written yet"
+    progress = next((frame.f_locals.get("progress") for frame, _ in traceback.walk_tb(exc.__traceback__)
+                     if frame.f_code.co_name == "fit"), None)  # where fit() was when it failed
+    step = f"step {progress.step + 1}" if progress is not None else "training"
+    cfg = recipe.trainer
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text.lower():
+        return ResourceError(
+            f"out of memory at {step} with trainer.batch_size={cfg.batch_size} (x accumulate {cfg.accumulate}); {kept}; "
+            f"try trainer.batch_size={max(1, cfg.batch_size // 2)} trainer.accumulate={cfg.accumulate * 2} "
+            f"(the same global batch), a shorter data.block_size, or trainer.precision=bf16 ({text[:200]})")
+    if world.distributed and (isinstance(exc, getattr(torch.distributed, "DistBackendError", ())) or any(
+            word in text for word in ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out", "timed out"))):
+        return DistributedError(f"rank {world.rank}: another process of the run failed or stopped answering at {step} "
+                                f"({text[:200]}); {kept}")
+    return None
 
 
 def _score_test(run_dir: Path, test_file: str) -> dict[str, float]:
@@ -127,6 +159,9 @@ def _tokenizer_source(resume_from: Path | None, backbone_path: str | None, saved
 def _prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool, world: distributed.World) -> Path | None:
     """Create (or check) the run directory; return the checkpoint to resume from, if any."""
     if resume:
+        if world.main:  # a kill mid-save leaves .tmp-* (dropped) or a folder mid-replacement (put back)
+            checkpoint.recover(run_dir)
+        distributed.barrier(world)
         latest = checkpoint.latest_checkpoint(run_dir)
         if latest is None:
             raise CheckpointError(f"{run_dir}: no complete checkpoint to resume from")

@@ -1,17 +1,33 @@
 """The README's first command, at a smaller size: all three acts run and report what they promise."""
 
+import csv
+
 from pretune.demo import run_demo
 
 
 def test_demo_runs_all_acts(tmp_path, capsys):
-    result = run_demo(str(tmp_path / "demo"), steps=5, finetune_epochs=1)
+    result = run_demo(str(tmp_path / "demo"), steps=5, finetune_epochs=1, image_epochs=1)
     out = capsys.readouterr().out
     assert "perplexity" in out and "test accuracy" in out and "from scratch" in out
     assert result["after"]["mlm_loss"] < result["before"]["mlm_loss"]
     assert set(result["accuracy"]) == {"pretrained", "scratch"}
     assert all(0.0 <= acc <= 1.0 for acc in result["accuracy"].values())
-    assert (tmp_path / "demo" / "finetune-pretrained" / "model" / "config.json").is_file()
+    study = tmp_path / "demo" / "study-topics"
+    assert (study / "cells" / "pretrained-full_budget-1.0_seed-0" / "model" / "config.json").is_file()
     images = result["images"]
     assert "SimCLR-pretrained + fine-tuned" in out and images["labels"] == 70  # 5% of each digit class of the train split
     assert set(images["accuracy"]) == {"pretrained", "scratch"} and all(0.0 <= a <= 1.0 for a in images["accuracy"].values())
     assert (tmp_path / "demo" / "simclr" / "model" / "model.safetensors").is_file()
+
+    # the closing note: both studies' reports and headlines, with the numbers the studies measured
+    closing = out[out.index("did pretraining pay off?"):]
+    for name, key in (("study-topics", "study"), ("study-digits", None)):
+        found = result[key] if key else images["study"]
+        assert found.report == tmp_path / "demo" / name / "report.html" and found.report.is_file()
+        assert found.headline in closing and str(found.report) in closing
+        rows = list(csv.DictReader(open(tmp_path / "demo" / name / "results.csv")))
+        assert {(r["arm"], float(r["budget"])) for r in rows} == {(arm, b) for arm in ("pretrained full", "scratch")
+                                                                  for b in ((0.1, 1.0) if key else (0.05, 1.0))}
+    # the summary's test accuracies are the study's, scored on the held-out docstrings
+    scores = {r["arm"]: float(r["score"]) for r in csv.DictReader(open(study / "results.csv")) if float(r["budget"]) == 1.0}
+    assert result["accuracy"] == {"pretrained": scores["pretrained full"], "scratch": scores["scratch"]}

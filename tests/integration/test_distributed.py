@@ -34,8 +34,12 @@ def test_ddp_two_processes_equals_single_process(tmp_path):
 
 def test_simclr_under_ddp_uses_the_global_batch(tmp_path):
     """Negatives are gathered from both ranks: 2 x 16 trains exactly like 1 x 32 (no batch norm, whose
-    statistics are per rank)."""
-    common = ["backbone.size=tiny", "backbone.norm=false", "task.projection_norm=false", "data.size=8", "trainer.max_steps=4",
+    statistics are per rank).  SGD, not Adam: Adam's first updates are about lr * sign(gradient), so
+    float rounding in near-zero gradients (summed in a different order by the all-reduce) would flip
+    whole lr-sized updates and hide what this test compares.  An MLP: the tiny CNN without batch norm
+    starts collapsed (gradient norm ~1e-5), too flat to show a difference."""
+    common = ["backbone.name=mlp", "backbone.size=tiny", "backbone.norm=false", "task.projection_norm=false", "data.size=8", "trainer.max_steps=4",
+              "trainer.optimizer=sgd", "trainer.lr=0.5", "trainer.warmup=0",
               "trainer.precision=fp32", "trainer.progress=false", "trainer.tensorboard=false", "trainer.eval_every=100",
               "trainer.log_every=1"]
     single, ddp = tmp_path / "single", tmp_path / "ddp"

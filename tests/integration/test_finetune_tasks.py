@@ -360,16 +360,21 @@ def test_budget_keeps_the_expected_number_of_examples(tmp_path, tiny_encoder, to
 
 # -- early stopping and the best checkpoint ------------------------------------------------------
 def test_early_stopping_keeps_the_best_model_not_the_last(tmp_path, tiny_encoder, topics, capsys):
+    """A learning rate warming up into divergence: validation loss falls, then rises, and patience stops
+    the run.  The untrained step-0 model (random head) is logged but never chosen as the best."""
     run_dir = tmp_path / "diverge"
     assert finetune("text-classify.yaml", tiny_encoder, run_dir, f"data.train={topics / 'train.csv'}",
-                    "trainer.lr=3.0", "trainer.head_lr=3.0", "trainer.monitor=loss", "trainer.patience=1",
-                    "trainer.epochs=5") == 0
+                    "trainer.lr=1.0", "trainer.head_lr=1.0", "trainer.warmup=40", "trainer.eval_every=4",
+                    "trainer.monitor=loss", "trainer.patience=1", "trainer.epochs=5") == 0
     err = capsys.readouterr().err
     total = int(re.search(r"(\d+) steps,", err).group(1))
     evals = validation_rows(run_dir)
-    assert evals[1]["loss"] > evals[0]["loss"]  # the learning rate is too high: validation gets worse
+    trained = [e for e in evals if e["step"] > 0]
+    best = min(trained, key=lambda e: e["loss"])
+    assert 0 < best["step"] < trained[-1]["step"]  # the best is in the middle: better before, worse after
+    assert trained[-1]["loss"] > best["loss"]
     assert "early stop" in err and evals[-1]["step"] < total
-    assert json.loads((run_dir / "best" / "metrics.json").read_text())["step"] == 0
+    assert json.loads((run_dir / "best" / "metrics.json").read_text())["step"] == best["step"]
     model = (run_dir / "model" / "model.safetensors").read_bytes()
     assert model == (run_dir / "best" / "model" / "model.safetensors").read_bytes()
     last = sorted((run_dir / "checkpoints").iterdir())[-1]

@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pretune.errors import TrainingError
 from pretune.recipe import Recipe
 from pretune.trainer import checkpoint, data as batching, distributed
+from pretune.trainer.fast import speed_up
 from pretune.trainer.flops import measure_peak
 from pretune.trainer.logging import RunLogger
 from pretune.trainer.optim import build_optimizer, build_schedule, param_groups
@@ -43,14 +44,23 @@ class Progress:
     best: float | None = None  # best value of the monitored validation metric
     best_step: int = 0
     bad_evals: int = 0  # evaluations since the best one (early-stopping patience)
+    nan_skips: int = 0  # optimizer steps skipped for a non-finite loss / gradient (trainer.on_nan=skip)
+    nan_streak: int = 0  # ... of them in a row, up to now
 
 
 def fit(task: Any, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path, world: distributed.World,
-        resume_from: Path | None = None) -> dict[str, float]:
+        resume_from: Path | None = None, on_eval: Any = None) -> dict[str, float]:
+    """Train ``module`` on ``task`` as ``recipe.trainer`` says; returns the last validation metrics.
+
+    ``on_eval(step, metrics)``, if given, is called after each validation (e.g. a hyperparameter
+    search reports the metric and may raise to prune the trial; the last checkpoint stays intact).
+    """
     cfg = recipe.trainer
     device = world.device
     precision = resolve(cfg.precision, device)
     module.to(device)
+    if cfg.fast_dropout:  # the same dropout with a cheaper random mask on CPUs (trainer/fast.py)
+        speed_up(module, device)
 
     steps_per_epoch = len(batching.batch_order(len(data.train), cfg.batch_size, recipe.seed, 0, world.rank, world.size)) // cfg.accumulate
     if steps_per_epoch == 0:
@@ -118,16 +128,21 @@ def fit(task: Any, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path, 
     def validate() -> bool:
         """Evaluate, keep the best model, and say whether early stopping ends the run."""
         progress.last_eval = evaluate(task, module, data.validation, recipe, world, precision)
+        checkpoint.crash_point("eval", progress.step)  # fault injection for tests/reliability (no-op otherwise)
         if hasattr(task, "probe"):  # representation quality (k-NN accuracy), sample images...
             progress.last_eval.update(task.probe(module, data, device=device, precision=precision, step=progress.step,
                                                  out_dir=run_dir if world.main else None))
         log.log(progress.step, "validation", {k: v for k, v in progress.last_eval.items() if isinstance(v, (int, float))})
+        if on_eval is not None:
+            on_eval(progress.step, progress.last_eval)
         if monitor is None:
             return False
         if monitor not in progress.last_eval:
             raise TrainingError(f"recipe key 'trainer.monitor': {monitor!r} is not a validation metric; choose one of "
                                 f"{', '.join(k for k, v in progress.last_eval.items() if isinstance(v, (int, float)))}")
         value = progress.last_eval[monitor]
+        if progress.step == 0:  # the untrained starting point is a baseline, never the model a run returns
+            return False
         if progress.best is None or (value > progress.best if mode == "max" else value < progress.best):
             progress.best, progress.best_step, progress.bad_evals = value, progress.step, 0
             if world.main:
@@ -142,7 +157,7 @@ def fit(task: Any, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path, 
     window_start, window_tokens, window_examples, window_flops = time.perf_counter(), 0, 0, 0.0
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, torch.Tensor] = {}
-    stop = False
+    stop = cfg.patience is not None and progress.bad_evals >= cfg.patience  # early-stopped, then killed before the end
     while progress.step < total_steps and not stop:
         if hasattr(module, "on_epoch"):  # e.g. gradual unfreezing: one more layer trains each epoch
             module.on_epoch(progress.epoch)
@@ -165,7 +180,8 @@ def fit(task: Any, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path, 
                 counts[k] = counts.get(k, 0) + v
 
             module.train()
-            grad_norms = {}
+            grad_norms, skipped = {}, []
+            buffers = _buffers(module, copy=True) if cfg.on_nan == "skip" else None  # BN statistics of a skipped step are undone
             for p, (phase, loss_keys) in enumerate(phases.items()):
                 # 2. forward and backward on each micro-batch; sync gradients on the last one only
                 optimizer = optimizers[phase]
@@ -177,6 +193,7 @@ def fit(task: Any, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path, 
                         out = model(batch, phase) if multi else model(batch)
                         loss = sum(out[k] / units[k] for k in loss_keys) * world.size
                     scaler.scale(loss).backward()
+                    checkpoint.crash_point("micro", progress.step + 1, i)  # fault injection (mid accumulation)
                     for k in units:
                         if k in out:
                             sums[k] = sums.get(k, 0) + out[k].detach().float()
@@ -185,16 +202,19 @@ def fit(task: Any, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path, 
                 scaler.unscale_(optimizer)
                 params = [param for group in optimizer.param_groups for param in group["params"]]
                 grad_norms[phase] = grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip else float("inf"))
-                if not scaler.is_enabled() and not torch.isfinite(grad_norm):
-                    raise TrainingError(
-                        f"non-finite gradient norm at step {progress.step + 1} (loss {float(loss):.4g}); "
-                        f"the last checkpoint in {run_dir / 'checkpoints'} is intact; try a lower trainer.lr or trainer.precision=fp32"
-                    )
-                scaler.step(optimizer)
+                # non-finite loss or gradients (fp16's scaler skips those steps itself): trainer.on_nan
+                if not scaler.is_enabled() and not torch.isfinite(grad_norm if world.distributed else grad_norm + loss.detach()):
+                    skipped.append(_non_finite(progress, cfg, run_dir, phase, float(loss.detach()), float(grad_norm)))
+                else:
+                    scaler.step(optimizer)
                 schedulers[phase].step()
             scaler.update()
             progress.step += 1
             progress.position += len(window)
+            if skipped or progress.nan_streak:
+                _count_skips(progress, skipped, cfg, log)
+                for live, saved in zip(_buffers(module), buffers or []) if skipped else ():
+                    live.copy_(saved)
 
             # 4. log, evaluate, save
             if progress.step % cfg.log_every == 0 or progress.step == total_steps:
@@ -203,7 +223,8 @@ def fit(task: Any, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path, 
                 values = _name_metrics(values, task)
                 values.update({"grad_norm" if not multi else f"grad_norm_{n}": float(g) for n, g in grad_norms.items()})
                 values.update(lr=next(iter(schedulers.values())).get_last_lr()[0],
-                              tokens_per_s=window_tokens / elapsed, examples_per_s=window_examples / elapsed, mfu=window_flops / elapsed / peak if peak else 0.0)
+                              tokens_per_s=window_tokens / elapsed, examples_per_s=window_examples / elapsed, mfu=window_flops / elapsed / peak if peak else 0.0,
+                              flops=window_flops)  # model FLOPs of the steps since the last train line (compute used)
                 progress.tokens += window_tokens
                 log.log(progress.step, "train", values)
                 log.progress(progress.step, {"loss": values.get("loss", float("nan")), f"{getattr(task, 'unit', 'tok')}/s": round(values["tokens_per_s"]),
@@ -260,6 +281,38 @@ def evaluate(task: Any, module: nn.Module, dataset: Any, recipe: Recipe, world: 
     if hasattr(task, "score"):
         named.update(task.score(*distributed.gather_lists(logits, labels, world)))
     return named
+
+
+def _non_finite(progress: Progress, cfg: Any, run_dir: Path, phase: str, loss: float, grad_norm: float) -> str:
+    """A step with a non-finite loss or gradient norm: raise (``on_nan: stop``) or let it be skipped."""
+    if cfg.on_nan == "stop":
+        latest = checkpoint.latest_checkpoint(run_dir)
+        raise TrainingError(
+            f"step {progress.step + 1}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} (loss {loss:.4g}, "
+            f"grad norm {grad_norm:.4g}); stopped before the optimizer step (trainer.on_nan=stop); "
+            f"{f'the last checkpoint {latest} is intact' if latest else 'no checkpoint was written yet'}; "
+            f"try a lower trainer.lr, trainer.clip, trainer.precision=fp32, or trainer.on_nan=skip")
+    return f"{phase}: loss {loss:.4g}, grad norm {grad_norm:.4g}"
+
+
+def _buffers(module: nn.Module, copy: bool = False) -> list[torch.Tensor]:
+    """The module's buffers (batch-norm running statistics and counts...), which a training forward pass updates."""
+    found = list(module.buffers())
+    return [b.detach().clone() for b in found] if copy else found
+
+
+def _count_skips(progress: Progress, skipped: list[str], cfg: Any, log: RunLogger) -> None:
+    """Count skipped optimizer steps, log each one, and stop after ``trainer.max_nan_skips`` in a row."""
+    if not skipped:
+        progress.nan_streak = 0
+        return
+    progress.nan_skips += 1
+    progress.nan_streak += 1
+    log.log(progress.step, "skipped", {"skipped_steps": progress.nan_skips, "in_a_row": progress.nan_streak, "reason": "; ".join(skipped)})
+    if progress.nan_streak >= cfg.max_nan_skips:
+        raise TrainingError(f"step {progress.step}: {progress.nan_streak} optimizer steps in a row skipped for a non-finite loss "
+                            f"or gradient (trainer.max_nan_skips={cfg.max_nan_skips}; {progress.nan_skips} skipped in all); "
+                            f"the last checkpoint is intact; try a lower trainer.lr or check the data")
 
 
 def _monitor(task: Any, cfg: Any) -> tuple[str | None, str]:

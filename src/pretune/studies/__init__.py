@@ -1,0 +1,1 @@
+"""Studies over many runs: label efficiency (pretrained vs scratch) and hyperparameter search."""

@@ -1,0 +1,263 @@
+"""``pretune compare``: did pretraining pay off, per label budget?
+
+A *study* fine-tunes one recipe many times: for every label **budget** x **seed** x **arm**, one
+ordinary run (:func:`pretune.run.train`) in its own directory ``STUDY/cells/<cell>/``.  The arms
+are the pretrained backbone under each fine-tuning **strategy**, plus **scratch**: the same
+architecture randomly initialised (``backbone.pretrained=false``) and trained in full.  All arms
+of one (budget, seed) keep the same labelled rows (``data.budget_seed = seed``) and are scored on
+the same held-out set: ``data.test`` when the recipe has one, otherwise the last validation
+evaluation (no model selection happens on the scored set then).
+
+    pretune compare recipes/study-text.yaml model=runs/mlm/model data.train=train.csv data.test=test.csv \\
+        budgets=[0.01,0.1,1.0] seeds=3 strategies=[linear-probe,full]
+
+The study keys (``budgets``, ``seeds``, ``strategies``, ``scratch``) sit at the top of the study
+file beside an ordinary fine-tuning recipe; ``run_dir`` is the study directory.  A finished cell
+(``cell.json`` written) is never run again, an interrupted one resumes from its last checkpoint,
+so the same command continues a study.  The headline is the smallest budget at which each
+pretrained arm matches (mean >= scratch's mean, or <= for lower-is-better metrics) the scratch
+arm at the largest budget (normally 100% of the labels).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import field_validator
+
+from pretune.errors import CheckpointError, RecipeError
+from pretune.recipe import Recipe, Section, apply_overrides, read_yaml, validate
+
+STUDY_FIELDS = ("budgets", "seeds", "strategies", "scratch")
+
+
+class StudyConfig(Section):
+    """The study keys of a study file (top level, beside the fine-tuning recipe)."""
+
+    budgets: list[float | int] = [0.1, 1.0]  # fractions of the labels per class (0.1 = 10%), or rows per class (ints)
+    seeds: int | list[int] = 1  # how many seeds (recipe seed, seed + 1, ...), or the list of seeds
+    strategies: list[str] = ["full"]  # fine-tuning strategies of the pretrained arms
+    scratch: bool = True  # also train the same architecture from random weights (strategy full)
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets(cls, value: list) -> list:
+        from pretune.data.labelled import _check_budget
+
+        if not value:
+            raise ValueError("needs at least one budget")
+        for budget in value:
+            _check_budget(budget)
+        if len({type(b) for b in value}) > 1:
+            raise ValueError("mixes fractions (floats) and rows per class (integers); write 1.0, not 1, for all the labels")
+        return sorted(set(value))
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, value: int | list[int]) -> int | list[int]:
+        if isinstance(value, int) and value < 1 or isinstance(value, list) and not value:
+            raise ValueError("needs at least one seed")
+        return value
+
+
+@dataclass
+class Cell:
+    """One fine-tuning run of a study: an arm at a budget and seed."""
+
+    arm: str  # "pretrained full", "pretrained linear-probe", "scratch"
+    strategy: str
+    pretrained: bool
+    budget: float | int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        arm = "scratch" if not self.pretrained else "pretrained-" + re.sub(r"[^A-Za-z0-9.]+", "-", self.strategy).strip("-")
+        return f"{arm}_budget-{self.budget}_seed-{self.seed}"
+
+    def overrides(self, cells_dir: Path) -> list[str]:
+        return [f"run_dir={cells_dir / self.name}", f"seed={self.seed}", f"strategy={self.strategy}",
+                f"backbone.pretrained={str(self.pretrained).lower()}", f"data.budget={self.budget!r}", f"data.budget_seed={self.seed}"]
+
+
+@dataclass
+class StudyResult:
+    study_dir: Path
+    metric: str
+    mode: str  # "max" or "min": which way is better
+    rows: list[dict[str, Any]]  # one per cell (results.csv)
+    summary: list[dict[str, Any]]  # one per (arm, budget): mean, std, n
+    headline: str
+    matches: dict[str, Any] = field(default_factory=dict)  # arm -> smallest budget matching scratch at the largest budget
+    report: Path | None = None
+
+
+def load_study(path: str | Path, overrides: list[str] = ()) -> tuple[StudyConfig, dict[str, Any], Recipe]:
+    """Split a study file (+ ``key=value`` overrides) into its study keys and its fine-tuning recipe."""
+    raw = apply_overrides(read_yaml(path), ["kind=finetune", *overrides])
+    study = validate(StudyConfig, {k: raw.pop(k) for k in STUDY_FIELDS if k in raw}, source=str(path))
+    return study, raw, validate(Recipe, raw, source=str(path))
+
+
+def plan(study: StudyConfig, base_seed: int) -> list[Cell]:
+    """Every cell of the study, budget by budget (so a partial study already has whole budgets)."""
+    seeds = study.seeds if isinstance(study.seeds, list) else [base_seed + i for i in range(study.seeds)]
+    arms = [(f"pretrained {s}", s, True) for s in study.strategies] + ([("scratch", "full", False)] if study.scratch else [])
+    return [Cell(arm, strategy, pretrained, budget, seed)
+            for budget in study.budgets for seed in seeds for arm, strategy, pretrained in arms]
+
+
+def compare(path: str | Path, overrides: list[str] = (), *, report: bool = True, overwrite: bool = False) -> StudyResult:
+    """Run (or continue) the study of the study file ``path``; write results.csv, study.json and the report."""
+    study, raw, recipe = load_study(path, overrides)
+    if study.strategies and not recipe.backbone.get("path"):
+        raise RecipeError(f"{path}: recipe key 'backbone.path' (model=PATH): a study compares a pretrained model "
+                          "with the same network from scratch; name the pretrained model folder")
+    return run_study(raw, study, report=report, overwrite=overwrite)
+
+
+def run_study(raw: dict[str, Any], study: StudyConfig, *, report: bool = True, overwrite: bool = False) -> StudyResult:
+    """Run every cell of ``study`` over the fine-tuning recipe ``raw`` (a dict, as read from YAML)."""
+    from pretune.run import build_task
+
+    recipe = validate(Recipe, raw)
+    study_dir = Path(recipe.run_dir)
+    if overwrite and study_dir.exists():
+        import shutil
+
+        shutil.rmtree(study_dir)
+    metric, mode = build_task(recipe).monitor
+    cells = plan(study, recipe.seed)
+    print(f"pretune compare: {len(cells)} cells ({len(study.budgets)} budgets x {len(cells) // len(study.budgets)} runs) in {study_dir}")
+    rows = []
+    for number, cell in enumerate(cells, 1):
+        print(f"cell {number}/{len(cells)}: {cell.arm}, budget {budget_label(cell.budget)}, seed {cell.seed}")
+        rows.append(run_cell(raw, cell, study_dir / "cells", metric))
+    return finish(study_dir, study, metric, mode, rows, report=report)
+
+
+def finish(study_dir: Path, study: StudyConfig, metric: str, mode: str, rows: list[dict], report: bool = True) -> StudyResult:
+    """Aggregate the cells, write results.csv and study.json, and (optionally) the report."""
+    summary = summarise(rows)
+    headline, matches = find_headline(summary, mode, study.budgets)
+    write_results(study_dir / "results.csv", rows)
+    (study_dir / "study.json").write_text(json.dumps(
+        {"metric": metric, "mode": mode, "study": study.model_dump(), "headline": headline, "matches": matches,
+         "summary": summary, "cells": rows}, indent=1))
+    result = StudyResult(study_dir, metric, mode, rows, summary, headline, matches)
+    if report:
+        from pretune.evaluate.report import study_report
+
+        result.report = study_report(study_dir)
+    print(f"headline: {headline}")
+    return result
+
+
+def run_cell(raw: dict[str, Any], cell: Cell, cells_dir: Path, metric: str) -> dict[str, Any]:
+    """Fine-tune one cell (or reuse it when it is finished); its row of results.csv."""
+    from pretune.run import train
+    from pretune.trainer.checkpoint import latest_checkpoint
+
+    recipe = validate(Recipe, apply_overrides(raw, cell.overrides(cells_dir)))
+    run_dir = Path(recipe.run_dir)
+    done, saved = run_dir / "cell.json", run_dir / "recipe.yaml"
+    if saved.is_file() and saved.read_text() != recipe.dump():
+        raise CheckpointError(f"{run_dir}: this cell was run with another recipe; use a new run_dir for the study "
+                              "(or --overwrite to start it again)")
+    if done.is_file():
+        return json.loads(done.read_text())
+    resume = latest_checkpoint(run_dir) is not None
+    started = time.perf_counter()
+    result = train(recipe, resume=resume, overwrite=not resume)
+    wall = time.perf_counter() - started
+    test_scores = _read_json(run_dir / "test_metrics.json")
+    source = "test" if f"test_{metric}" in result.metrics else "validation"
+    score = result.metrics.get(f"test_{metric}" if source == "test" else metric)
+    if score is None:
+        raise RecipeError(f"{run_dir}: no {metric} to score the cell on; a study needs data.test or a validation split")
+    history = _read_jsonl(run_dir / "metrics.jsonl")
+    labels = _read_json(run_dir / "tokenizer" / "pretune.json").get("label_names")
+    row = {**asdict(cell), "cell": cell.name, "metric": metric, "score": float(score), "scored_on": source,
+           "wall_s": round(wall, 3),  # of this attempt: a resumed cell counts the time after the resume only
+           "flops": sum(r.get("flops", 0.0) for r in history if r.get("split") == "train"),
+           "steps": max([r["step"] for r in history if r.get("split") == "train"], default=0),
+           "run_dir": str(run_dir),
+           "confusion_matrix": (test_scores if source == "test" else result.metrics).get("confusion_matrix"),
+           "labels": labels}
+    done.with_suffix(".tmp").write_text(json.dumps(row))
+    done.with_suffix(".tmp").replace(done)  # a cell is finished exactly when cell.json exists, complete
+    return row
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and sample standard deviation (n - 1; 0 for one seed) of the score per (arm, budget)."""
+    groups: dict[tuple[str, Any], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["arm"], row["budget"]), []).append(row)
+    out = []
+    for (arm, budget), members in groups.items():
+        scores = [r["score"] for r in members]
+        out.append({"arm": arm, "budget": budget, "mean": statistics.fmean(scores),
+                    "std": statistics.stdev(scores) if len(scores) > 1 else 0.0, "n": len(scores),
+                    "wall_s": sum(r["wall_s"] for r in members), "flops": sum(r["flops"] for r in members)})
+    return out
+
+
+def find_headline(summary: list[dict[str, Any]], mode: str, budgets: list) -> tuple[str, dict[str, Any]]:
+    """The smallest budget at which each pretrained arm's mean matches scratch at the largest budget."""
+    means = {(s["arm"], s["budget"]): s["mean"] for s in summary}
+    top = max(budgets)
+    if ("scratch", top) not in means:
+        return "no scratch arm: nothing to compare with", {}
+    reference = means[("scratch", top)]
+    better = (lambda a, b: a >= b) if mode == "max" else (lambda a, b: a <= b)
+    arms = sorted({s["arm"] for s in summary if s["arm"] != "scratch"})
+    matches, parts = {}, []
+    scratch = f"scratch + {budget_label(top)} labels: {reference:.3f}"
+    for arm in arms:
+        hit = next((b for b in sorted(budgets) if (arm, b) in means and better(means[(arm, b)], reference)), None)
+        matches[arm] = hit
+        if hit is not None:
+            parts.append(f"{arm} + {budget_label(hit)} labels: {means[(arm, hit)]:.3f} vs {scratch}")
+        else:
+            best = (max if mode == "max" else min)(means[(arm, b)] for b in budgets if (arm, b) in means)
+            parts.append(f"{arm} never matches {scratch} (its best: {best:.3f})")
+    headline = "; ".join(parts)
+    return headline, matches
+
+
+def budget_label(budget: float | int) -> str:
+    """0.1 -> '10%', 0.005 -> '0.5%', 5 -> '5 per class'."""
+    if isinstance(budget, int):
+        return f"{budget} per class"
+    percent = budget * 100
+    return f"{percent:.0f}%" if math.isclose(percent, round(percent)) else f"{percent:.3g}%"
+
+
+COLUMNS = ["arm", "strategy", "pretrained", "budget", "seed", "metric", "score", "scored_on", "wall_s", "flops", "steps", "run_dir"]
+
+
+def write_results(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
