@@ -91,7 +91,12 @@ def kill_and_resume(args: list[str], run_dir: Path, points: list[str]) -> list[i
     check the latest checkpoint after every kill, then resume to the end in this process."""
     codes = []
     for n, point in enumerate(points):
-        command = args if n == 0 else [args[0], str(run_dir), "--resume"]
+        if n == 0:
+            command = args
+        elif checkpoint.latest_checkpoint(run_dir) is None:  # killed before the first checkpoint: start again, as a user would
+            command = [*args, "--overwrite"]
+        else:
+            command = [args[0], str(run_dir), "--resume"]
         done = run_killed(command, run_dir, point)
         codes.append(done.returncode)
         if n > 0 and done.returncode == 0:  # the resumed run began after this point and finished: nothing to kill
