@@ -37,7 +37,6 @@ several repetitions, medians and min-max.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import shutil
@@ -47,8 +46,8 @@ import time
 from pathlib import Path
 
 from bench_pretrain import WORKLOADS, model_overrides
-from common import (bench_env, check_source, pretune_step_times, report_header, report_result, run_alternating, spread,
-                    steady_seconds, tail_mean, write_results)
+from common import (bench_env, check_source, pretune_step_times, read_csv, report_header, report_result, run_alternating, spread,
+                    steady_seconds, tail_mean, write_results, write_topic_split)
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "text-classify.yaml"
@@ -73,24 +72,7 @@ def build_initial(folder: Path, pretrain_steps: int) -> Path:
 
 def build_data(folder: Path) -> dict:
     """train.csv / test.csv: stdlib topics (20 classes), stratified 80/20, seed 0; both contenders read them."""
-    from pretune.data.builtin import stdlib_topics
-    from pretune.data.labelled import stratified_split
-
-    table = stdlib_topics()
-    texts, labels = table["text"], table["label"]
-    train, test = stratified_split(labels, 0.2, SEED)
-    for name, rows in (("train", train), ("test", test)):
-        with open(folder / f"{name}.csv", "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["text", "label"])
-            writer.writerows([texts[i], labels[i]] for i in rows)
-    return {"train": len(train), "test": len(test), "classes": len(set(labels))}
-
-
-def read_csv(path: Path) -> tuple[list[str], list[str]]:
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    return [r["text"] for r in rows], [r["label"] for r in rows]
+    return write_topic_split(folder, SEED)
 
 
 def step_flops(config, lengths: list[int]) -> list[float]:

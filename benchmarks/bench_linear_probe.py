@@ -28,7 +28,6 @@ train examples x epochs / wall seconds.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -37,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import report_result, run_alternating
+from common import read_csv, report_result, run_alternating, write_topic_split
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -56,24 +55,7 @@ def encoder_path() -> str:
 
 def build_data(folder: Path, max_classes: int) -> dict:
     """Write train.csv / test.csv once (stratified 80/20, seed 0); both contenders read them."""
-    from pretune.data.builtin import stdlib_topics
-    from pretune.data.labelled import stratified_split
-
-    table = stdlib_topics(min_count=60, max_classes=max_classes)
-    texts, labels = table["text"], table["label"]
-    train, test = stratified_split(labels, 0.2, SEED)
-    for name, rows in (("train", train), ("test", test)):
-        with open(folder / f"{name}.csv", "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["text", "label"])
-            writer.writerows([texts[i], labels[i]] for i in rows)
-    return {"train": len(train), "test": len(test), "classes": len(set(labels))}
-
-
-def read_csv(path: Path) -> tuple[list[str], list[str]]:
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    return [r["text"] for r in rows], [r["label"] for r in rows]
+    return write_topic_split(folder, SEED, min_count=60, max_classes=max_classes)
 
 
 def run_pretune(data_dir: Path, epochs: int, precision: str) -> dict:

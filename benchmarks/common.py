@@ -125,3 +125,30 @@ def check_source(report: dict) -> None:
     if now.split("+src:")[1] != report["source"].split("+src:")[1]:  # a new commit of the same source is the same code
         print(f"WARNING: pretune's source changed during this run ({report['source']} -> {now}); "
               "repetitions may have measured different code", flush=True)
+
+
+def write_topic_split(folder: Path, seed: int = 0, **select: int | None) -> dict:
+    """train.csv / test.csv of the embedded stdlib-topics task (stratified 80/20), read by every contender."""
+    import csv
+
+    from pretune.data.builtin import stdlib_topics
+    from pretune.data.labelled import stratified_split
+
+    table = stdlib_topics(**select)  # min_count / max_classes as the benchmark chooses
+    texts, labels = table["text"], table["label"]
+    train, test = stratified_split(labels, 0.2, seed)
+    for name, rows in (("train", train), ("test", test)):
+        with open(folder / f"{name}.csv", "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["text", "label"])
+            writer.writerows([texts[i], labels[i]] for i in rows)
+    return {"train": len(train), "test": len(test), "classes": len(set(labels))}
+
+
+def read_csv(path: Path) -> tuple[list[str], list[str]]:
+    """(texts, labels) of a CSV written by :func:`write_topic_split`."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    return [r["text"] for r in rows], [r["label"] for r in rows]

@@ -90,7 +90,7 @@ def main() -> None:
     total = sum(e.self_cpu_time_total for e in events)
     lines = [f"{args.workload} {' '.join(args.overrides)}: {precision}{' + torch.compile' if args.compile else ''}, batch {w['batch']} x seq {w['block']}, "
              f"{plain * 1000:.0f} ms/step without the profiler, torch {torch.__version__}, {torch.get_num_threads()} threads", "",
-             f"| operator | calls/step | self ms/step | share |", "|---|---|---|---|"]
+             "| operator | calls/step | self ms/step | share |", "|---|---|---|---|"]
     for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[: args.rows]:
         lines.append(f"| `{e.key}` | {e.count / args.steps:.0f} | {e.self_cpu_time_total / 1000 / args.steps:.1f} | "
                      f"{e.self_cpu_time_total / total:.1%} |")
