@@ -25,13 +25,18 @@ from tqdm.auto import tqdm
 from pretune.errors import CheckpointError, DataError
 
 
+def read_meta(path: Path) -> tuple[dict[str, Any], Path]:
+    """``pretune.json`` of a model folder (what it predicts, its labels) and its path."""
+    meta_file = path / "pretune.json"
+    if not meta_file.is_file():
+        raise CheckpointError(f"{path}: not a fine-tuned pretune model (no pretune.json)")
+    return json.loads(meta_file.read_text()), meta_file
+
+
 class Predictor:
     def __init__(self, path: str | Path, device: str | None = None):
         self.path = Path(path)
-        meta_file = self.path / "pretune.json"
-        if not meta_file.is_file():
-            raise CheckpointError(f"{self.path}: not a fine-tuned pretune model (no pretune.json)")
-        self.meta = json.loads(meta_file.read_text())
+        self.meta, meta_file = read_meta(self.path)
         self.kind = self.meta.get("kind")
         if self.kind not in ("single", "multi", "regression", "tags"):
             raise CheckpointError(f"{meta_file}: a {self.meta.get('task', 'pretraining')} model has no task head to predict with; fine-tune it first")
@@ -106,10 +111,7 @@ class VisionPredictor:
         from pretune.tasks.supervised import Classifier
 
         self.path = Path(path)
-        meta_file = self.path / "pretune.json"
-        if not meta_file.is_file():
-            raise CheckpointError(f"{self.path}: not a fine-tuned pretune model (no pretune.json)")
-        self.meta = json.loads(meta_file.read_text())
+        self.meta, meta_file = read_meta(self.path)
         if self.meta.get("kind") != "single":
             raise CheckpointError(f"{meta_file}: a {self.meta.get('task', 'pretraining')} model has no classification head to "
                                   "predict with; fine-tune it first (recipes/image-classify.yaml model=...)")
