@@ -4,13 +4,14 @@
     python benchmarks/profile_step.py clm            # GPT-2 L4/H256/A4, seq 256, batch 16 (the CLM row)
     python benchmarks/profile_step.py mlm --precision fp32 --compile
 
-The step is the one ``pretune.trainer.loop.fit`` runs (after its ``speed_up``; pass
-``trainer.fast_dropout=false`` to see PyTorch's dropout): forward under autocast, backward, gradient
-clipping, fused AdamW, schedule.  The module, batch and optimizer are built by pretune itself from
-the same overrides as ``benchmarks/bench_pretrain.py``.  After ``--warmup`` steps, ``--steps`` steps
-are profiled; the table groups operators by name, sorted by self CPU time, with each one's share
-of the step.  ``docs/performance.md`` quotes the output (saved in
-``benchmarks/results/profile-<workload>.txt``).
+The step profiled is the loop's own: :meth:`pretune.trainer.loop.Trainer.step`, the method ``fit``
+calls for every optimizer step (unit counts, forward under autocast, loss, backward, gradient
+clipping, the non-finite check, fused AdamW, schedule), on a ``Trainer`` built exactly as ``fit``
+builds it (``speed_up`` included; pass ``trainer.fast_dropout=false`` to see PyTorch's dropout).
+The module and data are composed by pretune itself (``pretune.run``) from the same overrides as
+``benchmarks/bench_pretrain.py``.  After ``--warmup`` steps, ``--steps`` steps are profiled; the
+table groups operators by name, sorted by self CPU time, with each one's share of the step.
+``docs/performance.md`` quotes the output (saved in ``benchmarks/results/profile-<workload>.txt``).
 """
 
 from __future__ import annotations
@@ -37,45 +38,38 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. backbone.config={attn_pdrop: 0.1}")
     args = parser.parse_args()
 
+    import tempfile
+
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    import pretune.tasks  # noqa: F401  (registers the tasks)
-    from pretune.backbones import backbone_config
     from pretune.recipe import load_recipe
-    from pretune.run import build_task
-    from pretune.trainer.fast import speed_up
-    from pretune.trainer.optim import build_optimizer, build_schedule, param_groups
-    from pretune.trainer.precision import autocast, resolve
+    from pretune.run import compose, read_data
+    from pretune.trainer import distributed
+    from pretune.trainer.loop import Trainer
+    from pretune.trainer.precision import resolve
 
     w = WORKLOADS[args.workload]
-    recipe = load_recipe(None, [*model_overrides(w), f"trainer.batch_size={w['batch']}", "data.max_documents=3000", *args.overrides])
-    task = build_task(recipe)
-    data = task.data()
-    torch.manual_seed(0)
-    module = task.build(backbone_config(recipe), data)
-    device = torch.device("cpu")
-    if recipe.trainer.fast_dropout:  # as fit() does
-        speed_up(module, device)
-    precision = resolve(args.precision, device)
-    cfg = recipe.trainer
-    optimizer = build_optimizer(param_groups(module.named_parameters(), cfg.weight_decay, cfg.lr), cfg, device)
-    schedule = build_schedule(optimizer, cfg, 1000)
-    model = torch.compile(module) if args.compile else module
-    rows = data.train[: w["batch"]]
-    batch = task.collate(rows, list(range(w["batch"])))
-    units = task.units(batch)
-    module.train()
+    compile_flag = ["trainer.compile=true"] if args.compile else []
+    recipe = load_recipe(None, [*model_overrides(w), f"trainer.batch_size={w['batch']}", f"trainer.precision={args.precision}",
+                                "data.max_documents=3000", *compile_flag, *args.overrides])
+    plan = compose(recipe)
+    world = distributed.World()  # one CPU process
+    with tempfile.TemporaryDirectory() as run_dir:  # read_data saves the trained tokenizer there
+        data = read_data(plan, recipe, Path(run_dir), None, world)
+    torch.manual_seed(recipe.seed)
+    module = plan.task.build(plan.backbone, data)
+    data = plan.task.prepare(module, data, world.device, resolve(recipe.trainer.precision, world.device))  # as run.train does
+    trainer = Trainer(plan.task, module, recipe, world, total_steps=1000)
+    precision = trainer.precision
+    trainer.start_epoch(0)  # wraps the module (torch.compile) as fit does
+    window = [plan.task.collate(data.train[: w["batch"]], list(range(w["batch"])))]  # one micro-batch per step
+    done = 0
 
     def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(precision, device):
-            out = model(batch)
-            loss = sum(out[k] / units[k].clamp(min=1) for k in task.losses)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.clip)
-        optimizer.step()
-        schedule.step()
+        nonlocal done
+        trainer.step(window, done)
+        done += 1
 
     for _ in range(args.warmup):
         step()

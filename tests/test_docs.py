@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from pretune.backbones.transformers import TransformerConfig
-from pretune.recipe import DataConfig, Recipe, TokenizerConfig, TrainerConfig, load_recipe
+from pretune.recipe import DataConfig, Recipe, StrategyConfig, TokenizerConfig, TrainerConfig, load_recipe
 from pretune.data.labelled import LabelledDataConfig
 from pretune.tasks.finetune import FinetuneConfig
 from pretune.tasks.mlm import MLMConfig
@@ -12,21 +12,22 @@ DOC = (Path(__file__).parents[1] / "docs" / "recipes.md").read_text()
 
 
 def test_every_recipe_key_is_documented():
-    from pretune.backbones.vision import VisionConfig
+    from pretune.backbones.builtin import BuiltinConfig
+    from pretune.backbones.timm import TimmConfig
+    from pretune.backbones.torchvision import TorchVisionConfig
     from pretune.data.arrays import ArrayDataConfig
     from pretune.data.augment import AugmentConfig
     from pretune.tasks.autoencoder import AutoencoderConfig
     from pretune.tasks.contrastive import ContrastiveConfig
     from pretune.tasks.gan import GANConfig
     from pretune.tasks.simcse import SimCSEConfig
-    from pretune.tasks.supervised import ArrayClassifyConfig
     from pretune.tasks.vision import MonitorConfig
 
     sections = [(Recipe, ""), (MLMConfig, "task."), (TransformerConfig, "backbone."), (DataConfig, "data."),
                 (TokenizerConfig, "data.tokenizer."), (TrainerConfig, "trainer."), (FinetuneConfig, "task."),
                 (LabelledDataConfig, "data."), (ContrastiveConfig, "task."), (AutoencoderConfig, "task."), (GANConfig, "task."),
-                (ArrayClassifyConfig, "task."), (AugmentConfig, "task.augment."), (MonitorConfig, "task.monitor."),
-                (VisionConfig, "backbone."), (ArrayDataConfig, "data."),
+                (AugmentConfig, "task.augment."), (MonitorConfig, "task.monitor."),
+                (BuiltinConfig, "backbone."), (TimmConfig, "backbone."), (TorchVisionConfig, "backbone."), (StrategyConfig, "strategy."), (ArrayDataConfig, "data."),
                 (SimCSEConfig, "task.")]
     missing = [prefix + name for model, prefix in sections for name, field in model.model_fields.items()
                if not hasattr(field.annotation, "model_fields") and f"`{prefix}{name}`" not in DOC]
@@ -52,7 +53,7 @@ def documented_commands():
 
 
 def test_documented_commands_have_valid_recipes_and_overrides():
-    from pretune.run import build_task
+    from pretune.run import compose
 
     commands = list(documented_commands())
     assert len(commands) >= 12  # a floor: the docs show at least these journeys
@@ -61,6 +62,6 @@ def test_documented_commands_have_valid_recipes_and_overrides():
         # overrides only (not --flags); shell variables of a surrounding loop ($b) are not ours to check
         recipe, overrides = args[0], [a for a in args[1:] if "=" in a and not a.startswith("-") and "$" not in a]
         try:
-            build_task(load_recipe(root / recipe, overrides))
+            compose(load_recipe(root / recipe, overrides))
         except Exception as exc:  # noqa: BLE001 - report which documented command broke
             raise AssertionError(f"{doc}: pretune {command} {' '.join(args)} -> {exc}") from None

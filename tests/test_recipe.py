@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from pretune.errors import RecipeError
@@ -20,10 +22,10 @@ def test_defaults_and_overrides():
     ("nonsense", ["key=value"]),
 ])
 def test_bad_values_give_one_line_naming_the_key(override, words):
-    from pretune.run import build_task
+    from pretune.run import compose
 
     with pytest.raises(RecipeError) as err:
-        build_task(load_recipe(None, [override]))  # task and data sections are checked by their task
+        compose(load_recipe(None, [override]))  # task and data sections are checked by their task
     message = str(err.value)
     assert "\n" not in message
     for word in words:
@@ -40,20 +42,29 @@ def test_yaml_errors_name_file_and_line(tmp_path):
 
 
 def test_task_section_validated_by_its_owner():
-    from pretune.run import build_task
+    from pretune.run import compose
 
     with pytest.raises(RecipeError, match="task.mask_prob"):
-        build_task(load_recipe(None, ["task.mask_prob=2"]))
+        compose(load_recipe(None, ["task.mask_prob=2"]))
     with pytest.raises(RecipeError, match="unknown task 'nope'"):
-        build_task(load_recipe(None, ["task=nope"]))
+        compose(load_recipe(None, ["task=nope"]))
 
 
 def test_shipped_recipes_validate():
     from pathlib import Path
 
-    from pretune.run import build_task
+    from pretune.run import compose
 
     from pretune.studies.compare import load_study
 
     for path in sorted(Path(__file__).parents[1].glob("recipes/*.yaml")):  # study-*.yaml: study keys + a fine-tuning recipe
-        build_task(load_study(path)[2] if path.name.startswith("study-") else load_recipe(path))
+        compose(load_study(path)[2] if path.name.startswith("study-") else load_recipe(path))
+
+
+def test_a_bad_key_typed_on_the_command_line_is_reported_as_an_override_not_against_the_file(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("trainer: {lrr: 1}\n")
+    with pytest.raises(RecipeError, match=r"^override 'trainer\.lrr=3': unknown recipe key 'trainer\.lrr'"):
+        load_recipe("recipes/text-mlm.yaml", ["trainer.lrr=3"])
+    with pytest.raises(RecipeError, match=rf"^{re.escape(str(recipe))}: unknown recipe key 'trainer\.lrr'"):
+        load_recipe(recipe)

@@ -1,9 +1,10 @@
-"""``pretune`` command line: pretrain, finetune, evaluate, predict, compare, search, report, demo.
+"""``pretune`` command line: pretrain, finetune, evaluate, predict, generate, compare, search, report, demo.
 
     pretune pretrain recipes/text-mlm.yaml data.files='corpus/*.txt' run_dir=runs/mlm
     pretune finetune recipes/text-classify.yaml model=runs/mlm/model data.train=train.csv strategy=linear-probe
     pretune evaluate runs/clf/model data=test.csv
     pretune predict runs/clf/model input.jsonl --out predictions.jsonl
+    pretune generate runs/clm/model --prompt 'Return the'
     pretune compare recipes/study-text.yaml model=runs/mlm/model data.train=train.csv data.test=test.csv budgets=[0.1,1.0]
     pretune search recipes/text-classify.yaml model=runs/mlm/model data.train=train.csv trials=30
     pretune report runs/mlm
@@ -15,7 +16,9 @@ Errors caused by input (recipe, data, checkpoints) print one line and exit with 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import re
 import sys
 
 from pretune.errors import PretuneError
@@ -26,6 +29,7 @@ TRUST_HELP = "allow weights stored as pickles (pytorch_model.bin, .pth), which c
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pretune", description="Pretrain, fine-tune, and know whether it paid off.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     for name, text in (("pretrain", "pretrain a model with a self-supervised objective"),
@@ -43,29 +47,104 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="write the metrics as JSON here (default: print only)")
     evaluate.add_argument("--trust-pickle", action="store_true", help=TRUST_HELP)
 
-    predict = sub.add_parser("predict", help="predict labels for a .txt / .jsonl / .csv file")
-    predict.add_argument("model")
-    predict.add_argument("inputs")
-    predict.add_argument("--out", default="predictions.jsonl")
-    predict.add_argument("--column", help="the text column (default: the one the model was trained on)")
-    predict.add_argument("--batch-size", type=int, default=32)
+    predict = sub.add_parser(
+        "predict", help="predict labels for texts, images or vectors in a file or folder",
+        description="Write one prediction per input (a label with class probabilities, a value for regression, or a tag "
+                    "per word) with the input's own fields.  Text models read a .txt (one text per line), .jsonl or .csv / "
+                    ".tsv file; image models an image file or a folder of images (flat, or one sub-folder per class); "
+                    "vector models a .csv / .tsv / .parquet / .npy / .npz file, one vector per row.",
+        epilog="example: pretune predict runs/clf/model reviews.csv --column review --out predictions.jsonl")
+    predict.add_argument("model", help="a fine-tuned model folder (RUN_DIR/model)")
+    predict.add_argument("inputs", help="texts: .txt / .jsonl / .csv / .tsv; images: an image or a folder of images; "
+                                        "vectors: .csv / .tsv / .parquet / .npy / .npz")
+    predict.add_argument("--out", default="predictions.jsonl",
+                         help="where to write the predictions: JSONL, one object per input (image and vector models also "
+                              "write .csv / .tsv, one probability column per class); default: %(default)s")
+    predict.add_argument("--column", help="text models: the column (.jsonl / .csv) holding the text (default: the one the "
+                                          "model was trained on)")
+    predict.add_argument("--batch-size", type=int, default=32, help="inputs per forward pass (default: %(default)s)")
     predict.add_argument("--trust-pickle", action="store_true", help=TRUST_HELP)
 
-    for name, text in (("compare", "label-efficiency study: pretrained vs scratch over label budgets and seeds (docs/study.md)"),
-                       ("search", "hyperparameter search with Optuna over a fine-tuning recipe (trials=N, space.*=...)")):
-        study = sub.add_parser(name, help=text)
-        study.add_argument("recipe", help="a study file (compare) or a fine-tuning recipe (search)")
-        study.add_argument("overrides", nargs="*", help="recipe and study overrides, e.g. budgets=[0.1,1.0] seeds=3 trials=20")
-        study.add_argument("--overwrite", action="store_true", help="start again instead of continuing the study in run_dir")
+    generate = sub.add_parser("generate", help="continue a prompt with a causal language model (a clm run's model/)",
+                              epilog="example: pretune generate runs/clm/model --prompt 'Return the' --max-new-tokens 40")
+    generate.add_argument("model", help="a causal language model folder (a pretune clm run's model/, or a local decoder folder)")
+    generate.add_argument("--prompt", action="append", required=True, help="text to continue; repeat for several prompts")
+    generate.add_argument("--max-new-tokens", type=int, default=50, help="tokens to add to each prompt (default: %(default)s)")
+    generate.add_argument("--greedy", action="store_true", help="take the most likely token each time instead of sampling")
+    generate.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default: %(default)s)")
+    generate.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (default: %(default)s)")
+    generate.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: the smallest set with this probability (default: %(default)s)")
+    generate.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives the same text (default: %(default)s)")
+    generate.add_argument("--trust-pickle", action="store_true", help=TRUST_HELP)
+
+    compare = sub.add_parser(
+        "compare", help="label-efficiency study: pretrained vs scratch over label budgets and seeds (docs/study.md)",
+        description="Fine-tune the pretrained model with each strategy, and the same network from scratch, on every label "
+                    "budget and seed of the study, score each run on the same test set, and write report.html / report.md / "
+                    "results.csv in run_dir.  Running the same command again continues an interrupted study.",
+        epilog="example: pretune compare recipes/study-text.yaml model=runs/mlm/model data.train=train.csv "
+               "data.test=test.csv budgets=[0.05,0.1,1.0] seeds=3 strategies=[linear-probe,full]")
+    compare.add_argument("recipe", help="a study file (e.g. recipes/study-text.yaml, recipes/study-images.yaml)")
+    compare.add_argument("overrides", nargs="*", help="study and recipe overrides: budgets=[0.1,1.0] seeds=3 "
+                                                      "strategies=[linear-probe,full] model=PATH data.train=FILE ...")
+    compare.add_argument("--overwrite", action="store_true", help="start again instead of continuing the study in run_dir")
+
+    search = sub.add_parser(
+        "search", help="hyperparameter search with Optuna over a fine-tuning recipe (trials=N, space.*=...)",
+        description="Search learning rate, batch size, epochs, weight decay and strategy with Optuna (TPE sampling, "
+                    "median pruning after each validation); the trials live in run_dir/search.db, so the same command "
+                    "continues a search, and the best trial's recipe is written to run_dir/best-recipe.yaml.  Needs the "
+                    "'search' extra (pip install 'pretune[search]').",
+        epilog="example: pretune search recipes/text-classify.yaml model=runs/mlm/model data.train=train.csv "
+               "run_dir=runs/search trials=30")
+    search.add_argument("recipe", help="a fine-tuning recipe YAML file")
+    search.add_argument("overrides", nargs="*", help="recipe and search overrides: trials=30 timeout=3600 space.lr=[1e-5,1e-3] "
+                                                     "space.strategy=[full,linear-probe,llrd,lora] model=PATH data.train=FILE ...")
+    search.add_argument("--overwrite", action="store_true", help="start again instead of continuing the search in run_dir")
 
     report = sub.add_parser("report", help="write report.html / report.md with plots for a run or study directory")
-    report.add_argument("run_dir")
+    report.add_argument("run_dir", help="a run directory (with metrics.jsonl) or a study directory (with study.json); "
+                                        "finished or not")
 
     demo = sub.add_parser("demo", help="pretrain on embedded text and digits, fine-tune on a few labels, compare with training from scratch")
-    demo.add_argument("--run-dir", default="runs/demo")
+    demo.add_argument("--run-dir", default="runs/demo", help="where the demo's runs, studies and reports go (default: %(default)s)")
     demo.add_argument("--steps", type=int, default=None, help="pretraining steps of each act (default: about 6 minutes in all on 2 CPU cores)")
     demo.add_argument("--images", action="store_true", help="only act 3: SimCLR on the embedded digits, then 5%% of the labels")
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pretune")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+class _StripColour(logging.Filter):
+    """Removes ANSI colour codes from log records."""
+
+    ansi = re.compile(r"\x1b\[[0-9;]*m")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "\x1b[" in text:
+            record.msg, record.args = self.ansi.sub("", text), None
+        return True
+
+
+def _plain_library_logs() -> None:
+    """transformers' load reports carry ANSI colour codes (its bold header always, colours when stdout is a
+    terminal); transformers has no switch for that, so they are stripped when stderr is not a terminal."""
+    if sys.stderr is not None and sys.stderr.isatty():
+        return
+    from transformers.utils import logging as hf_logging
+
+    root = hf_logging.get_logger("transformers")  # also sets up transformers' own stderr handler
+    for handler in root.handlers:
+        if not any(isinstance(f, _StripColour) for f in handler.filters):
+            handler.addFilter(_StripColour())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,8 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if getattr(args, "trust_pickle", False):  # read by pretune.trainer.checkpoint.pickle_trusted
+    if getattr(args, "trust_pickle", False):  # read by pretune.safeload.pickle_trusted
         os.environ["PRETUNE_TRUST_PICKLE"] = "1"
+    if args.command != "report":  # the commands that load models
+        _plain_library_logs()
     try:
         if args.command in ("pretrain", "finetune"):
             from pretune.run import train
@@ -86,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.resume and os.path.isdir(args.recipe):
                 overrides = [f"run_dir={args.recipe}", *overrides]
             result = train(args.recipe, overrides, resume=args.resume, overwrite=args.overwrite)
-            print(f"model saved to {result.model_dir}")
+            if os.environ.get("RANK", "0") == "0":  # once per job, not once per torchrun process
+                print(f"model saved to {result.model_dir}")
         elif args.command == "evaluate":
             from pretune.evaluate.metrics import summary_table
             from pretune.predict import evaluate_file
@@ -99,6 +181,14 @@ def main(argv: list[str] | None = None) -> int:
 
             count = predict_file(args.model, args.inputs, args.out, args.column, args.batch_size)
             print(f"{count} predictions written to {args.out}")
+        elif args.command == "generate":
+            from pretune.predict import Generator
+
+            generator = Generator(args.model)
+            texts = generator.generate(args.prompt, args.max_new_tokens, sample=not args.greedy, temperature=args.temperature,
+                                       top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+            for prompt, text in zip(args.prompt, texts):
+                print(prompt + text)
         elif args.command == "compare":
             from pretune.studies.compare import compare
 
@@ -110,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             found = search(args.recipe, args.overrides, overwrite=args.overwrite)
             print(f"best recipe: {found.best_recipe}")
         elif args.command == "report":
-            from pretune.evaluate.report import run_report
+            from pretune.studies.report import run_report
 
             print(f"report: {run_report(args.run_dir)}")
         elif args.command == "demo":

@@ -25,8 +25,11 @@ from pathlib import Path
 
 import torch
 
+from pretune.data.arrays import ArrayDataConfig, build_array_data
+from pretune.data.builtin import stdlib_topics
 from pretune.recipe import load_recipe
 from pretune.run import train
+from pretune.studies.compare import StudyConfig, run_study
 
 PROBES = [
     "Return a new [MASK] with the same elements.",
@@ -59,8 +62,6 @@ def finetune_recipe(run_dir: Path, model: Path, data_dir: Path, pretrained: bool
 
 def write_topics(data_dir: Path, seed: int = 0) -> tuple[int, int, int]:
     """The labelled task: docstrings -> standard-library package (20 classes); 80/20 train/test split."""
-    from pretune.data.builtin import stdlib_topics
-
     topics = stdlib_topics()
     rows = list(zip(topics["text"], topics["label"]))
     random.Random(seed).shuffle(rows)
@@ -122,8 +123,6 @@ def run_image_demo(run_dir: str = "runs/demo", steps: int | None = None, budget:
 def run_pretrained_vs_scratch(recipe, budgets: list[float]):
     """The demo's comparisons as a label-efficiency study: the recipe's model fine-tuned in full and
     the same network from scratch, at each budget, one seed (see :mod:`pretune.studies.compare`)."""
-    from pretune.studies.compare import StudyConfig, run_study
-
     return run_study(recipe.model_dump(mode="json"), StudyConfig(budgets=budgets, seeds=1, strategies=["full"]), overwrite=True)
 
 
@@ -134,8 +133,6 @@ def _means(study, budget: float) -> dict[str, float]:
 
 
 def _image_data(budget: float | None):
-    from pretune.data.arrays import ArrayDataConfig, build_array_data
-
     return build_array_data(ArrayDataConfig(images="builtin:digits", size=16, validation_fraction=0.2, budget=budget))
 
 
@@ -195,7 +192,7 @@ def _majority(data_dir: Path) -> float:
 
 def fill_mask(model_dir: Path, texts: list[str], top: int = 3) -> list[tuple[str, list[str]]]:
     """Top guesses for each ``[MASK]``, through plain ``transformers`` loading of the saved folder."""
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoModelForMaskedLM, AutoTokenizer  # lazy, as everywhere: transformers is slow to import
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForMaskedLM.from_pretrained(str(model_dir)).eval()

@@ -1,28 +1,40 @@
-"""Use a fine-tuned model: ``pretune.load(path).predict(texts)``, ``pretune predict``, ``pretune evaluate``.
+"""Use a fine-tuned model: ``pretune.load(path).predict(inputs)``, ``pretune predict``, ``pretune evaluate``.
 
-The model folder is a standard Hugging Face folder (``AutoModelForSequenceClassification`` or
-``AutoModelForTokenClassification`` loads it) plus ``pretune.json`` (task kind, label names, text
-columns, threshold), so predictions here and in plain ``transformers`` are the same.
+One predictor serves every modality.  The model folder says which backbone family saved it
+(:func:`pretune.backbones.for_folder`), the family loads the classifier, ``pretune.json`` names
+the head kind (:mod:`pretune.heads`), which decodes logits into predictions and scores them.  Only
+reading raw inputs differs by modality: text is tokenised (a Hugging Face folder that
+``AutoModelForSequenceClassification`` loads with the same predictions); images and vectors are
+read with the training readers at the model's input shape.
 
-An image or vector classifier is a pretune vision folder (``config.json`` with ``"pretune":
-"vision"``, see :mod:`pretune.backbones.vision`); ``load`` returns a :class:`VisionPredictor` for
-it, which reads image files / folders and vector files with the training readers, at the model's
-input size and channels.
+A causal language model (``clm``) loads as a :class:`Generator` instead: ``generate(prompt)``.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import transformers
 from tqdm.auto import tqdm
 
+import pretune.backbones  # noqa: F401  (registers the backbone families)
+from pretune import heads
+from pretune.backbones.base import for_folder
+from pretune.backbones.transformers import tokenize
+from pretune.data.arrays import encode_labels
+from pretune.data.images import BUILTIN_DIGITS, EXTENSIONS, list_images, load_digits, load_image_files
+from pretune.data.labelled import LabelledDataConfig, not_in_map, read_labelled
+from pretune.data.vectors import read_vectors
 from pretune.errors import CheckpointError, DataError
+from pretune.safeload import check_model_folder, pickle_trusted
 
 
 def read_meta(path: Path) -> tuple[dict[str, Any], Path]:
@@ -33,118 +45,81 @@ def read_meta(path: Path) -> tuple[dict[str, Any], Path]:
     return json.loads(meta_file.read_text()), meta_file
 
 
+def _device(device: str | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 class Predictor:
+    """A fine-tuned classifier, regressor or tagger of any modality.
+
+    ``predict`` takes texts (a string, a list; for tagging, lists of words or space-separated
+    strings; ``pairs`` for sentence-pair models), or for image / vector models image file paths, a
+    folder of images, a vector file (CSV/TSV/Parquet/NPY/NPZ), ``"builtin:digits"``, or a tensor /
+    numpy array (``[N, C, H, W]`` pixels in [0, 1], uint8 pixels are divided by 255; ``[N, D]``
+    vectors; one example without the batch dimension also works)."""
+
     def __init__(self, path: str | Path, device: str | None = None):
         self.path = Path(path)
         self.meta, meta_file = read_meta(self.path)
-        self.kind = self.meta.get("kind")
-        if self.kind not in ("single", "multi", "regression", "tags"):
-            raise CheckpointError(f"{meta_file}: a {self.meta.get('task', 'pretraining')} model has no task head to predict with; fine-tune it first")
-        auto = transformers.AutoModelForTokenClassification if self.kind == "tags" else transformers.AutoModelForSequenceClassification
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        from pretune.trainer.checkpoint import check_model_folder, pickle_trusted
+        if self.meta.get("kind") not in heads.HEADS:
+            advice = ("generate text with it (pretune generate)" if self.meta.get("task") == "clm"
+                      else "fine-tune it first (pretune finetune ... model=PATH)")
+            raise CheckpointError(f"{meta_file}: a {self.meta.get('task', 'pretraining')} model has no task head to predict with; {advice}")
+        self.head = heads.get(self.meta["kind"])
+        self.labels: list[str] = [str(name) for name in self.meta.get("label_names") or []]
+        self.kind = self.head.name
+        self.device = _device(device)
+        family = for_folder(self.path)
+        self.modality = family.modality
+        self.model, inputs = family.load_classifier(self.path, self.meta, self.device)
+        if self.modality == "text":
+            self.tokenizer = inputs
+        else:
+            self.input_shape: tuple[int, ...] = tuple(inputs["input_shape"])
+            self.modality = self.meta.get("modality") or ("image" if len(self.input_shape) == 3 else "vector")
 
-        check_model_folder(self.path)  # weights only from safetensors unless --trust-pickle
-        self.model = auto.from_pretrained(str(self.path), use_safetensors=None if pickle_trusted() else True).to(self.device).eval()
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(self.path))
-        self.labels: list[str] = self.meta.get("label_names") or []
-
+    # -- text -----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def logits(self, texts: list, pairs: list | None = None) -> tuple[torch.Tensor, Any]:
-        encoded = self.tokenizer(texts, pairs, truncation=True, max_length=self.meta.get("max_length", 512), padding=True,
-                                 is_split_into_words=self.kind == "tags", return_tensors="pt")
-        inputs = {k: v.to(self.device) for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        return self.model(**inputs).logits.float().cpu(), encoded
+    def text_logits(self, texts: list, pairs: list | None = None) -> tuple[torch.Tensor, Any]:
+        batch, encoded = tokenize(self.tokenizer, texts, pairs, self.meta.get("max_length", 512), self.head.per_token)
+        return self.model({k: v.to(self.device) for k, v in batch.items()}).float().cpu(), encoded
 
-    def predict(self, texts: str | list, pairs: list | None = None, batch_size: int = 32, progress: bool = False) -> list[dict[str, Any]]:
-        """One dict per input: ``label`` and ``probabilities`` (classification), ``labels`` (multi-label),
-        ``value`` (regression) or ``tags`` (one per word, for tagging).  Tagging takes lists of words; a
-        string is split on whitespace, and a list of strings is one sentence of words unless one of them
-        holds whitespace (then it is a list of sentences)."""
-        single = isinstance(texts, str) or (self.kind == "tags" and bool(texts) and all(isinstance(t, str) for t in texts)
+    def _predict_texts(self, texts: Any, pairs: list | None, batch_size: int, progress: bool) -> list[dict[str, Any]]:
+        single = isinstance(texts, str) or (self.head.per_token and bool(texts) and all(isinstance(t, str) for t in texts)
                                             and not any(len(t.split()) > 1 for t in texts))
         texts = [texts] if single else list(texts)
-        if self.kind == "tags":
+        if self.head.per_token:
             texts = [t.split() if isinstance(t, str) else t for t in texts]
         results: list[dict[str, Any]] = []
-        starts = range(0, len(texts), batch_size)
-        for start in tqdm(starts, desc="predicting", disable=not progress, mininterval=2):
+        for start in tqdm(range(0, len(texts), batch_size), desc="predicting", disable=not progress, mininterval=2):
             batch = texts[start:start + batch_size]
-            logits, encoded = self.logits(batch, pairs[start:start + batch_size] if pairs else None)
-            results.extend(self._decode(logits, encoded, batch))
+            logits, encoded = self.text_logits(batch, pairs[start:start + batch_size] if pairs else None)
+            if self.head.per_token:
+                results.extend({"words": words, "tags": self.head.decode_words(logits[row], encoded.word_ids(row), len(words), self.labels)}
+                               for row, words in enumerate(batch))
+            else:
+                results.extend(self.head.decode(logits, self.labels, self.meta.get("threshold", 0.5)))
         return results[0:1] if single else results
 
-    def _decode(self, logits: torch.Tensor, encoded: Any, batch: list) -> list[dict[str, Any]]:
-        if self.kind == "single":
-            probs = logits.softmax(-1)
-            return [{"label": self.labels[int(p.argmax())], "probabilities": dict(zip(self.labels, p.tolist()))} for p in probs]
-        if self.kind == "multi":
-            probs = logits.sigmoid()
-            threshold = self.meta.get("threshold", 0.5)
-            return [{"labels": [l for l, x in zip(self.labels, p.tolist()) if x > threshold], "probabilities": dict(zip(self.labels, p.tolist()))} for p in probs]
-        if self.kind == "regression":
-            return [{"value": float(v[0]) if v.numel() == 1 else v.tolist()} for v in logits]
-        out = []
-        for row, words in enumerate(batch):
-            tags, previous = ["O"] * len(words), None
-            for position, word in enumerate(encoded.word_ids(row)):
-                if word is not None and word != previous:
-                    tags[word] = self.labels[int(logits[row, position].argmax())]
-                previous = word
-            out.append({"words": words, "tags": tags})
-        return out
-
-
-class VisionPredictor:
-    """A fine-tuned image or vector classifier: the backbone (which normalises its input) plus the
-    linear head, as :class:`pretune.tasks.supervised.Classifier` trained it.
-
-    ``predict`` takes image file paths, a folder of images (flat or one sub-folder per class), a
-    vector file (CSV/TSV/Parquet/NPY/NPZ, for vector models), ``"builtin:digits"``, or a tensor /
-    numpy array of examples (``[N, C, H, W]`` pixels in [0, 1], uint8 pixels are divided by 255;
-    ``[N, D]`` vectors; one example without the batch dimension also works)."""
-
-    kind = "single"
-
-    def __init__(self, path: str | Path, device: str | None = None):
-        from pretune.backbones import vision
-        from pretune.tasks.supervised import Classifier
-
-        self.path = Path(path)
-        self.meta, meta_file = read_meta(self.path)
-        if self.meta.get("kind") != "single":
-            raise CheckpointError(f"{meta_file}: a {self.meta.get('task', 'pretraining')} model has no classification head to "
-                                  "predict with; fine-tune it first (recipes/image-classify.yaml model=...)")
-        config, state = vision.read_folder(self.path)
-        self.labels: list[str] = [str(name) for name in self.meta.get("label_names") or []]
-        self.input_shape: tuple[int, ...] = tuple(config["backbone"]["input_shape"])
-        self.modality = self.meta.get("modality") or ("image" if len(self.input_shape) == 3 else "vector")
-        model = Classifier(vision.VisionBackbone(config["backbone"]), int(config.get("outputs", len(self.labels))))
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
-            raise CheckpointError(f"{self.path}/model.safetensors: does not match its config.json "
-                                  f"({' '.join(str(exc).split())[:300]})") from None
-        if len(self.labels) != model.head.out_features:
-            raise CheckpointError(f"{meta_file}: {len(self.labels)} label names for a head of {model.head.out_features} outputs")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = model.to(self.device).eval()
-
+    # -- images and vectors -----------------------------------------------------------------------------
     @torch.no_grad()
     def logits(self, x: torch.Tensor, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
         """Logits ``[N, K]`` of examples already shaped like ``input_shape`` (raw pixels / vectors)."""
-        starts = range(0, len(x), batch_size)
-        out = [self.model(x[start:start + batch_size].to(self.device)).logits.float().cpu()
-               for start in tqdm(starts, desc="predicting", disable=not progress, mininterval=2)]
+        out = [self.model({"x": x[start:start + batch_size].to(self.device)}).float().cpu()
+               for start in tqdm(range(0, len(x), batch_size), desc="predicting", disable=not progress, mininterval=2)]
         return torch.cat(out) if out else torch.zeros(0, len(self.labels))
 
-    def predict(self, inputs: Any, batch_size: int = 64, progress: bool = False) -> list[dict[str, Any]]:
-        """One dict per example, ``label`` and ``probabilities`` (as for text classification)."""
-        return self._decode(self.logits(self.read(inputs).x, batch_size, progress))
+    def predict(self, inputs: Any, pairs: list | None = None, batch_size: int = 32, progress: bool = False) -> list[dict[str, Any]]:
+        """One dict per input: ``label`` and ``probabilities`` (classification), ``labels`` (multi-label),
+        ``value`` (regression) or ``words`` and ``tags`` (tagging).  Tagging takes lists of words; a
+        string is split on whitespace, and a list of strings is one sentence of words unless one of them
+        holds whitespace (then it is a list of sentences)."""
+        if self.modality == "text":
+            return self._predict_texts(inputs, pairs, batch_size, progress)
+        return self.decode(self.logits(self.read(inputs).x, batch_size, progress))
 
-    def _decode(self, logits: torch.Tensor) -> list[dict[str, Any]]:
-        probs = logits.softmax(-1)
-        return [{"label": self.labels[int(p.argmax())], "probabilities": dict(zip(self.labels, p.tolist()))} for p in probs]
+    def decode(self, logits: torch.Tensor) -> list[dict[str, Any]]:
+        return self.head.decode(logits, self.labels, self.meta.get("threshold", 0.5))
 
     # -- inputs -------------------------------------------------------------------------------------
     def read(self, inputs: Any, *, labelled: bool = False, classes: list[str] | None = None,
@@ -153,16 +128,12 @@ class VisionPredictor:
         ``{"index": ...}``) and, when the source has them, their class names.  ``labelled``: the
         source must have labels; ``classes``: keep only examples of these classes; ``bad_files``:
         ``skip`` leaves undecodable images out (with a warning), ``error`` stops."""
-        from pretune.data.images import BUILTIN_DIGITS, EXTENSIONS, list_images, load_image_files
-
         paths = keys = x = None
         if isinstance(inputs, (str, Path)):
             source = str(inputs)
             if source == BUILTIN_DIGITS:
                 x, keys = self._digits()
             elif self.modality == "vector":
-                from pretune.data.vectors import read_vectors
-
                 x, keys = read_vectors(source, label or self.meta.get("label", "label"))
             elif Path(source).is_dir():
                 paths, keys = list_images(source)
@@ -213,8 +184,6 @@ class VisionPredictor:
         return height if height == width else (height, width)
 
     def _digits(self) -> tuple[torch.Tensor, list[str]]:
-        from pretune.data.images import load_digits
-
         x, keys = load_digits(None, 1 if self.modality == "vector" else self.input_shape[0])
         if self.modality == "vector":
             return x.flatten(1), keys
@@ -223,8 +192,6 @@ class VisionPredictor:
         return x.contiguous(), keys
 
     def _as_tensor(self, inputs: Any) -> torch.Tensor:
-        import numpy as np
-
         try:
             x = inputs if isinstance(inputs, torch.Tensor) else torch.as_tensor(np.asarray(inputs))
         except (TypeError, ValueError, RuntimeError) as exc:
@@ -245,6 +212,8 @@ class VisionPredictor:
         return x
 
 
+
+
 @dataclass
 class ArrayInputs:
     x: torch.Tensor  # [N, *input_shape]
@@ -253,14 +222,60 @@ class ArrayInputs:
     skipped: list[str]  # "path (reason)" of images left out by bad_files="skip"
 
 
-def load(path: str | Path, device: str | None = None) -> Predictor | VisionPredictor:
-    """A fine-tuned model ready to predict: ``pretune.load("runs/clf/model").predict(["great film"])``;
-    an image / vector classifier gives a :class:`VisionPredictor` (``.predict("photos/")``)."""
-    from pretune.backbones.vision import is_vision_folder
+class Generator:
+    """A causal language model (a pretune ``clm`` run, or any local decoder folder): ``generate(prompt)``."""
 
-    if is_vision_folder(path):
-        return VisionPredictor(path, device)
+    def __init__(self, path: str | Path, device: str | None = None):
+        self.path = Path(path)
+        check_model_folder(self.path)  # weights only from safetensors unless --trust-pickle
+        self.device = _device(device)
+        try:
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(
+                str(self.path), use_safetensors=None if pickle_trusted() else True).to(self.device).eval()
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(self.path))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{self.path}: cannot load as a causal language model ({' '.join(str(exc).split())[:200]})") from None
+
+    @torch.no_grad()
+    def generate(self, prompt: str | list[str], max_new_tokens: int = 50, *, sample: bool = True, temperature: float = 0.8,
+                 top_k: int | None = 50, top_p: float | None = 0.95, seed: int = 0) -> str | list[str]:
+        """Continue ``prompt`` (or each of a list of prompts) with transformers' ``generate``; sampling is
+        seeded, so the same call gives the same text; ``sample=False`` decodes greedily."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or any(not isinstance(p, str) for p in prompts):
+            raise DataError("generate takes a prompt string or a list of prompt strings")
+        torch.manual_seed(seed)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        out = []
+        for text in prompts:  # one at a time: no left-padding subtleties, and CPU generation is sequential anyway
+            ids = self.tokenizer(text, return_tensors="pt").input_ids.to(self.device)
+            if ids.shape[1] == 0 and self.tokenizer.bos_token_id is not None:
+                ids = torch.tensor([[self.tokenizer.bos_token_id]], device=self.device)
+            options = {"do_sample": sample, "max_new_tokens": max_new_tokens, "pad_token_id": pad}
+            if sample:
+                options.update(temperature=temperature, top_k=top_k, top_p=top_p)
+            generated = self.model.generate(ids, attention_mask=torch.ones_like(ids), **options)
+            out.append(self.tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True))
+        return out[0] if isinstance(prompt, str) else out
+
+
+def load(path: str | Path, device: str | None = None) -> Predictor | Generator:
+    """A fine-tuned model ready to predict: ``pretune.load("runs/clf/model").predict(["great film"])``;
+    a causal language model gives a :class:`Generator` (``.generate("def main(")``)."""
+    path = Path(path)
+    meta_file = path / "pretune.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    if meta.get("task") == "clm" or (not meta and (path / "config.json").is_file() and _is_decoder(path)):
+        return Generator(path, device)
     return Predictor(path, device)
+
+
+def _is_decoder(path: Path) -> bool:
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return any(str(name).endswith("ForCausalLM") for name in config.get("architectures") or [])
 
 
 def read_inputs(path: str, column: str | None = None) -> tuple[list, list[dict]]:
@@ -284,9 +299,6 @@ def read_inputs(path: str, column: str | None = None) -> tuple[list, list[dict]]
                 except json.JSONDecodeError as exc:
                     raise DataError(f"{path} line {number}: not valid JSON ({exc.msg})") from None
     elif suffix in (".csv", ".tsv"):
-        import csv
-        import io
-
         rows = list(csv.DictReader(io.StringIO(raw), delimiter="\t" if suffix == ".tsv" else ","))
     else:
         raise DataError(f"{path}: unsupported input format {suffix!r}; use .txt, .jsonl or .csv")
@@ -300,19 +312,46 @@ def read_inputs(path: str, column: str | None = None) -> tuple[list, list[dict]]
 
 
 def predict_file(model_dir: str, inputs: str, out: str, column: str | None = None, batch_size: int = 32) -> int:
+    """Predictions for a file: texts (.txt / .jsonl / .csv), or images (a file or folder) / vectors.  The
+    output format follows ``out``'s extension for every modality: .csv / .tsv (flat: one probability
+    column per class), else JSON lines."""
     predictor = load(model_dir)
-    if isinstance(predictor, VisionPredictor):
-        return _predict_arrays_file(predictor, inputs, out, column, batch_size)
-    texts, rows = read_inputs(inputs, column or predictor.meta.get("text"))
-    pair_column = predictor.meta.get("text_pair")
-    pairs = [row[pair_column] for row in rows] if pair_column and all(pair_column in r for r in rows) else None
-    if predictor.kind == "tags":  # one sentence per row: a list of words, or a string of space-separated words
-        texts = [text.split() if isinstance(text, str) else text for text in texts]
-    results = predictor.predict(texts, pairs, batch_size=batch_size, progress=True)
-    with open(out, "w", encoding="utf-8") as handle:
-        for row, result in zip(rows, results):
-            handle.write(json.dumps({**row, **result}) + "\n")
+    if isinstance(predictor, Generator):
+        raise DataError(f"{model_dir}: a causal language model generates text; use pretune generate {model_dir} --prompt ...")
+    if predictor.modality == "text":
+        texts, rows = read_inputs(inputs, column or predictor.meta.get("text"))
+        pair_column = predictor.meta.get("text_pair")
+        pairs = [row[pair_column] for row in rows] if pair_column and all(pair_column in r for r in rows) else None
+        if predictor.head.per_token:  # one sentence per row: a list of words, or a string of space-separated words
+            texts = [text.split() if isinstance(text, str) else text for text in texts]
+        results = predictor.predict(texts, pairs, batch_size=batch_size, progress=True)
+    else:
+        if column is not None:
+            raise DataError("--column applies to text models; an image / vector model reads whole images or rows")
+        read = predictor.read(inputs, bad_files="skip")
+        rows, results = read.origins, predictor.decode(predictor.logits(read.x, batch_size, progress=True))
+    write_predictions(out, [{**row, **result} for row, result in zip(rows, results)], predictor.labels)
     return len(results)
+
+
+def write_predictions(out: str, rows: list[dict[str, Any]], labels: list[str]) -> None:
+    """JSON lines, or a flat CSV / TSV when ``out`` ends so (lists joined by spaces, one
+    ``probability_<class>`` column per class)."""
+    suffix = Path(out).suffix.lower()
+    with open(out, "w", encoding="utf-8", newline="" if suffix in (".csv", ".tsv") else None) as handle:
+        if suffix not in (".csv", ".tsv"):
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            return
+        flat = []
+        for row in rows:
+            cells = {k: " ".join(map(str, v)) if isinstance(v, list) else v for k, v in row.items() if k != "probabilities"}
+            cells.update({f"probability_{name}": p for name, p in (row.get("probabilities") or {}).items()})
+            flat.append(cells)
+        columns = list(dict.fromkeys(key for cells in flat for key in cells))
+        writer = csv.DictWriter(handle, fieldnames=columns, delimiter="\t" if suffix == ".tsv" else ",")
+        writer.writeheader()
+        writer.writerows(flat)
 
 
 def evaluate_file(model_dir: str, data_file: str, out: str | None = None, batch_size: int = 32, *,
@@ -322,69 +361,22 @@ def evaluate_file(model_dir: str, data_file: str, out: str | None = None, batch_
 
     Image / vector models only: ``classes`` keeps the examples of these classes (as ``data.classes``),
     ``label`` names the label column of a vector file, ``bad_files`` as ``data.bad_files``."""
-    from pretune.data.labelled import LabelledDataConfig, read_labelled
-    from pretune.evaluate import metrics as M
-
     predictor = load(model_dir)
-    if isinstance(predictor, VisionPredictor):
-        scores = _evaluate_arrays(predictor, data_file, batch_size, classes, label, bad_files)
-        if out:
-            Path(out).write_text(json.dumps(scores, indent=2))
-        return scores
-    meta = predictor.meta
-    cfg = LabelledDataConfig(train=data_file, text=meta.get("text", "text"), text_pair=meta.get("text_pair"),
-                             label=meta.get("label", "label"), max_length=meta.get("max_length", 128))
-    table = read_labelled(data_file, cfg, predictor.kind, predictor.labels)
-    texts = list(table[cfg.text])
-    pairs = list(table[cfg.text_pair]) if cfg.text_pair else None
-    results = predictor.predict(texts, pairs, batch_size=batch_size, progress=True)
-    truth = list(table["labels"])
+    if isinstance(predictor, Generator):
+        raise DataError(f"{model_dir}: a causal language model has no labels to evaluate; see the perplexity in its run's metrics")
     names = predictor.labels
-    if predictor.kind == "single":
-        scores = M.classification_metrics(truth, [names.index(r["label"]) for r in results], names)
-    elif predictor.kind == "multi":
-        scores = M.multilabel_metrics([[int(x) for x in t] for t in truth], [[int(n in r["labels"]) for n in names] for r in results], names)
-    elif predictor.kind == "regression":
-        scores = M.regression_metrics(truth, [r["value"] for r in results])
+    if predictor.modality == "text":
+        meta = predictor.meta
+        cfg = LabelledDataConfig(train=data_file, text=meta.get("text", "text"), text_pair=meta.get("text_pair"),
+                                 label=meta.get("label", "label"), max_length=meta.get("max_length", 128))
+        table = read_labelled(data_file, cfg, predictor.head, names)
+        pairs = list(table[cfg.text_pair]) if cfg.text_pair else None
+        results = predictor.predict(list(table[cfg.text]), pairs, batch_size=batch_size, progress=True)
+        scores = predictor.head.score_decoded(list(table["labels"]), results, names)
     else:
-        scores = M.entity_metrics([[names[i] for i in t] for t in truth], [r["tags"] for r in results])
+        read = predictor.read(data_file, labelled=True, classes=classes, bad_files=bad_files, label=label)
+        truth = encode_labels(read.keys, names, data_file, not_in_map(names))  # a class the model does not know: one line naming it
+        scores = predictor.head.score([predictor.logits(read.x, batch_size, progress=True)], [truth], names)
     if out:
         Path(out).write_text(json.dumps(scores, indent=2))
     return scores
-
-
-def _predict_arrays_file(predictor: VisionPredictor, inputs: str, out: str, column: str | None, batch_size: int) -> int:
-    """Predictions for an image folder / file or a vector file: JSONL (CSV/TSV when ``out`` ends so),
-    one row per image (``path``) or vector (``index``, 0-based row of the file)."""
-    if column is not None:
-        raise DataError("--column applies to text models; an image / vector model reads whole images or rows")
-    read = predictor.read(inputs, bad_files="skip")
-    results = predictor._decode(predictor.logits(read.x, batch_size, progress=True))
-    rows = [{**origin, **result} for origin, result in zip(read.origins, results)]
-    suffix = Path(out).suffix.lower()
-    with open(out, "w", encoding="utf-8", newline="" if suffix in (".csv", ".tsv") else None) as handle:
-        if suffix in (".csv", ".tsv"):  # flat: one probability column per class
-            import csv
-
-            writer = csv.writer(handle, delimiter="\t" if suffix == ".tsv" else ",")
-            where = next(iter(read.origins[0])) if read.origins else "path"
-            writer.writerow([where, "label", *(f"probability_{name}" for name in predictor.labels)])
-            for row in rows:
-                writer.writerow([row[where], row["label"], *(row["probabilities"][name] for name in predictor.labels)])
-        else:
-            for row in rows:
-                handle.write(json.dumps(row) + "\n")
-    return len(rows)
-
-
-def _evaluate_arrays(predictor: VisionPredictor, data: str, batch_size: int, classes: list[str] | None,
-                     label: str | None, bad_files: str) -> dict[str, Any]:
-    from pretune.data.arrays import _encode
-    from pretune.data.labelled import _not_in_map
-    from pretune.evaluate import metrics as M
-
-    read = predictor.read(data, labelled=True, classes=classes, bad_files=bad_files, label=label)
-    names = predictor.labels
-    truth = _encode(read.keys, names, data, _not_in_map(names))  # a class the model does not know: one line naming it
-    predicted = predictor.logits(read.x, batch_size, progress=True).argmax(-1)
-    return M.classification_metrics(truth.tolist(), predicted.tolist(), names)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pretune.errors import RecipeError
 
@@ -42,6 +42,7 @@ class DataConfig(Section):
     files: list[str] | str | None = None  # files, folders or globs; None: the embedded corpus
     format: Literal["auto", "text", "jsonl", "csv", "parquet"] = "auto"
     column: str = "text"  # the text column of JSONL / CSV / Parquet files
+    document: Literal["auto", "line", "paragraph", "file"] = "auto"  # how a .txt file splits into documents
     validation: float = Field(0.05, ge=0.0, lt=1.0)  # fraction of documents held out
     validation_files: list[str] | str | None = None
     block_size: int = Field(128, ge=8, le=65536)
@@ -69,6 +70,7 @@ class TrainerConfig(Section):
     accumulate: int = Field(1, ge=1)
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1)  # optimizer steps; overrides epochs
+    max_time: float | None = Field(None, gt=0)  # seconds of training (a resumed run counts what it ran before); stop cleanly when spent
     head_lr: float | None = Field(None, gt=0)  # fine-tuning: learning rate of the new task layers (default: lr)
     clip: float | None = Field(1.0, gt=0)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
@@ -89,11 +91,67 @@ class TrainerConfig(Section):
     max_nan_skips: int = Field(5, ge=1)  # on_nan=skip: stop after this many skipped steps in a row
 
 
+STRATEGIES = ("full", "linear-probe", "freeze-bottom", "gradual-unfreeze", "llrd", "lora")
+STRATEGY_HINT = "full, linear-probe, freeze-bottom:N, gradual-unfreeze, llrd:D, lora:r=R"
+
+
+class StrategyConfig(Section):
+    """Which backbone parameters train, and how fast (fine-tuning); see :mod:`pretune.strategies`.
+
+    Written in full (``strategy: {name: lora, r: 16}``) or as the short string ``name:argument``:
+    ``freeze-bottom:4``, ``llrd:0.8``, ``lora:r=8,alpha=16,dropout=0.05``."""
+
+    name: Literal["full", "linear-probe", "freeze-bottom", "gradual-unfreeze", "llrd", "lora"] = "full"
+    layers: int = Field(0, ge=0)  # freeze-bottom: the embeddings and the bottom N layers stay frozen
+    decay: float = Field(0.8, gt=0, le=1)  # llrd: layer l of L trains at lr * decay**(L - l)
+    r: int = Field(8, ge=1)  # lora: rank
+    alpha: float = Field(16.0, gt=0)  # lora: scaling alpha / r
+    dropout: float = Field(0.05, ge=0, lt=1)  # lora: dropout on the adapter input
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, value: Any) -> Any:
+        """``'llrd:0.8'`` (or ``{name: 'llrd:0.8'}``) -> ``{name: llrd, decay: 0.8}``."""
+        if isinstance(value, dict) and isinstance(value.get("name"), str) and ":" in value["name"]:
+            return {**parse_strategy(value["name"]), **{k: v for k, v in value.items() if k != "name"}}
+        return parse_strategy(value) if isinstance(value, str) else value
+
+    @property
+    def frozen_backbone(self) -> bool:
+        return self.name == "linear-probe"
+
+    def __str__(self) -> str:
+        arg = {"freeze-bottom": f"{self.layers}", "llrd": f"{self.decay:g}",
+               "lora": f"r={self.r},alpha={self.alpha:g},dropout={self.dropout:g}"}.get(self.name)
+        return f"{self.name}:{arg}" if arg else self.name
+
+
+def parse_strategy(spec: str) -> dict[str, Any]:
+    """``'freeze-bottom:4'`` -> ``{"name": "freeze-bottom", "layers": 4}`` (values checked by :class:`StrategyConfig`)."""
+    name, _, arg = str(spec).strip().partition(":")
+    if name not in STRATEGIES:
+        raise ValueError(f"{spec!r} is not a strategy; choose one of {STRATEGY_HINT}")
+    if not arg:
+        return {"name": name}
+    fields = {"freeze-bottom": "layers", "llrd": "decay"}
+    if name in fields:
+        return {"name": name, fields[name]: arg}
+    if name == "lora":
+        options: dict[str, Any] = {"name": name}
+        for item in filter(None, arg.split(",")):
+            key, _, value = item.partition("=")
+            if key not in ("r", "alpha", "dropout") or not value:
+                raise ValueError(f"{spec!r} has a bad argument {item!r} (e.g. lora:r=8,alpha=16,dropout=0.05)")
+            options[key] = value
+        return options
+    raise ValueError(f"{spec!r}: {name} takes no argument")
+
+
 class Recipe(Section):
     kind: Literal["pretrain", "finetune"] = "pretrain"
     run_dir: str = "runs/run"
     seed: int = 0
-    strategy: str = "full"  # fine-tuning: full | linear-probe | freeze-bottom:N | gradual-unfreeze | llrd:D | lora:r=R
+    strategy: StrategyConfig = StrategyConfig()  # fine-tuning: full | linear-probe | freeze-bottom:N | gradual-unfreeze | llrd:D | lora:r=R
     task: dict[str, Any] = {"name": "mlm"}
     backbone: dict[str, Any] = {"name": "bert", "size": "tiny"}
     data: dict[str, Any] = {}  # validated by the task's own data config (text corpus, labelled table...)
@@ -117,19 +175,21 @@ class Recipe(Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def validate(model: type[BaseModel], data: dict[str, Any], prefix: str = "", source: str = "") -> Any:
-    """``model.model_validate(data)`` with a one-line error naming the first bad key."""
+def validate(model: type[BaseModel], data: dict[str, Any], prefix: str = "", source: Any = "") -> Any:
+    """``model.model_validate(data)`` with a one-line error naming the first bad key; ``source`` (a string,
+    or a function of the dotted key) says where the value came from."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise RecipeError(_describe(model, exc, prefix, source)) from None
 
 
-def _describe(model: type[BaseModel], exc: ValidationError, prefix: str, source: str) -> str:
+def _describe(model: type[BaseModel], exc: ValidationError, prefix: str, source: Any) -> str:
     err = exc.errors()[0]
     loc = [str(part) for part in err["loc"]]
     key = prefix + ".".join(loc)
-    where = f"{source}: " if source else ""
+    origin = source(key) if callable(source) else source
+    where = f"{origin}: " if origin else ""
     if err["type"] == "extra_forbidden":
         allowed = _keys_at(model, loc[:-1])
         hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
@@ -171,7 +231,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         node = raw
         for part in path[:-1]:
             child = node.get(part)
-            if isinstance(child, str) and part in ("task", "backbone"):
+            if isinstance(child, str) and part in ("task", "backbone", "strategy"):
                 child = {"name": child}
             if child is None:
                 child = {}
@@ -213,4 +273,10 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] = (), **bas
     if path is not None:
         raw.update(read_yaml(path))
     raw = apply_overrides(raw, list(overrides))
-    return validate(Recipe, raw, source=str(path) if path else "")
+    given = {".".join(ALIASES.get(key, [key])): text for text in overrides for key in [text.partition("=")[0].strip()]}
+
+    def source(key: str) -> str:  # a bad key typed on the command line is reported as such, not against the file
+        typed = next((text for name, text in given.items() if key == name or key.startswith(name + ".") or name.startswith(key + ".")), None)
+        return f"override {typed!r}" if typed else (str(path) if path else "")
+
+    return validate(Recipe, raw, source=source)

@@ -1,6 +1,10 @@
-"""``train(recipe)``: the whole journey of one run, from recipe to saved model.
+"""``train(recipe)``: the whole journey of one run, composed in one place, in reading order.
 
-    recipe -> task -> data (rank 0 first) -> module (fresh or from a checkpoint) -> fit -> model/
+    recipe  -> task (registry)  -> backbone family (registry)  -> data (the family's modality)
+            -> module = task.build(backbone, data)  -> fit (the one loop)  -> model/
+
+Everything a recipe names is validated by :func:`compose` before the run directory is touched.
+Tasks receive their data and backbone; they do not build them.
 """
 
 from __future__ import annotations
@@ -8,23 +12,30 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
-import traceback
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 
-from pretune.backbones import backbone_config
-from pretune.data.arrays import modality
+import pretune.backbones  # noqa: F401  (registers the backbone families)
+import pretune.tasks  # noqa: F401  (registers the built-in tasks)
+from pretune.backbones.base import Backbone, resolve
+from pretune.data import readers
+from pretune.data.readers import RunData
 from pretune.errors import CheckpointError, DistributedError, RecipeError, ResourceError, UnsafeFileError
+from pretune.evaluate.metrics import summary_table
 from pretune.recipe import Recipe, load_recipe
 from pretune.registry import TASKS
+from pretune.tasks.base import Task
 from pretune.trainer import checkpoint, distributed
-from pretune.trainer.loop import fit
-from pretune.trainer.precision import resolve
+from pretune.trainer.loop import StepFailed, fit
+from pretune.trainer.precision import resolve as resolve_precision
 
-import pretune.tasks  # noqa: F401  (registers the built-in tasks)
+DATA_TIMEOUT_S = 3600.0  # how long the other ranks wait for rank 0 to read the data (and train a tokenizer)
+LABEL_MAP = "pretune.json"  # in RUN/tokenizer/: the label map every rank (and a resume) reads the data with
 
 
 @dataclass
@@ -37,123 +48,185 @@ class RunResult:
         return self.run_dir / "model"
 
 
-def build_task(recipe: Recipe) -> Any:
-    """The task named by the recipe, with its own ``task`` and ``data`` sections validated."""
+@dataclass
+class Plan:
+    """A recipe composed and validated: what trains, on which backbone, reading which data."""
+
+    task: Task
+    backbone: Backbone
+    data: Any  # the validated data section (its class depends on the modality and the task's kind of data)
+
+
+def build_task(recipe: Recipe) -> Task:
+    """The task named by the recipe, its ``task`` section (and ``strategy``) validated."""
     task_class = TASKS.get(str(recipe.task.get("name", "")))
-    if modality(recipe.data) != "text" and hasattr(task_class, "for_arrays"):  # e.g. classify images, not text
-        task_class = task_class.for_arrays
-    task_cfg, data_cfg = recipe.section("task", task_class.Config), recipe.section("data", task_class.DataConfig)
-    if getattr(task_class, "uses_strategy", False):
+    cfg = recipe.section("task", task_class.Config)
+    if task_class.data_kind == "labelled":
         head_scale = recipe.trainer.head_lr / recipe.trainer.lr if recipe.trainer.head_lr else 1.0
-        return task_class(task_cfg, data_cfg, seed=recipe.seed, strategy=recipe.strategy, head_lr_scale=head_scale)
-    if recipe.strategy != "full":
-        raise RecipeError(f"recipe key 'strategy': {recipe.strategy!r} applies to fine-tuning; pretraining task {task_cfg.name!r} trains everything")
-    return task_class(task_cfg, data_cfg, seed=recipe.seed)
+        return task_class(cfg, recipe.seed, strategy=recipe.strategy, head_lr_scale=head_scale)
+    if recipe.strategy.name != "full":
+        raise RecipeError(f"recipe key 'strategy': {recipe.strategy} applies to fine-tuning; pretraining task {cfg.name!r} trains everything")
+    return task_class(cfg, recipe.seed)
+
+
+def compose(recipe: Recipe) -> Plan:
+    """Task, backbone family and data section of ``recipe``, each validated by the class that owns it."""
+    task = build_task(recipe)
+    backbone = resolve(recipe.backbone)
+    if backbone.modality not in task.modalities:
+        what = {"text": "text", "array": "images or vectors"}
+        raise RecipeError(f"recipe key 'backbone': {backbone.name} models read {what[backbone.modality]}, but task "
+                          f"{task.cfg.name!r} needs {' or '.join(what[m] for m in task.modalities)}")
+    data_cfg = recipe.section("data", readers.config_class(backbone.modality, task.data_kind))
+    return Plan(task, backbone, data_cfg)
 
 
 def train(recipe: Recipe | str | Path, overrides: list[str] = (), *, resume: bool = False, overwrite: bool = False,
-          on_eval: Any = None) -> RunResult:
+          on_eval: Any = None, quiet: bool = False) -> RunResult:
     """Run (or resume) the training described by ``recipe``; returns the run directory and final metrics.
 
     ``recipe`` is a :class:`Recipe`, a YAML file, or, with ``resume=True``, a run directory.
     ``on_eval(step, metrics)`` is called after each validation (see :func:`pretune.trainer.loop.fit`).
+    ``quiet``: one line for the test set instead of its full table (studies run many cells).
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, list(overrides))
+    plan = compose(recipe)
+    bars = datasets.is_progress_bar_enabled()
+    if not recipe.trainer.progress:  # trainer.progress=false: no "Tokenizing" / "Generating split" bars either
+        datasets.disable_progress_bars()
+    try:
+        return _train(plan, recipe, resume, overwrite, on_eval, quiet)
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def _train(plan: Plan, recipe: Recipe, resume: bool, overwrite: bool, on_eval: Any, quiet: bool) -> RunResult:
     world = distributed.init()
     run_dir = Path(recipe.run_dir)
     resume_from = _prepare_run_dir(run_dir, recipe, resume, overwrite, world)
-
     if recipe.trainer.threads:
         torch.set_num_threads(recipe.trainer.threads)
-    task = build_task(recipe)
-    backbone = backbone_config(recipe)
-    saved_tokenizer = run_dir / "tokenizer"
-    if world.main:  # rank 0 reads the data first (and trains a tokenizer if there is none); the others reuse it
-        data = task.data(tokenizer_path=_tokenizer_source(resume_from, backbone.path, saved_tokenizer))
-        if hasattr(data, "tokenizer"):
-            data.tokenizer.save_pretrained(saved_tokenizer)
-        if getattr(task, "label_names", None) is not None:  # the same label map on every rank and on resume
-            saved_tokenizer.mkdir(parents=True, exist_ok=True)
-            (saved_tokenizer / "pretune.json").write_text(json.dumps({"kind": task.kind, "label_names": task.label_names}))
-    distributed.barrier(world)
-    if not world.main:
-        data = task.data(tokenizer_path=str(saved_tokenizer))
+
+    data = read_data(plan, recipe, run_dir, resume_from, world)
+    task, backbone = plan.task, plan.backbone
     torch.manual_seed(recipe.seed)
     try:
         module = task.build(backbone, data)
     except pickle.UnpicklingError as exc:  # --trust-pickle, but the file holds more than tensors
-        where = getattr(backbone, "weights", None) or getattr(backbone, "path", None)
+        where = backbone.weights or backbone.path
         raise UnsafeFileError(f"{where}: refused by torch's restricted unpickler even with --trust-pickle: "
                               f"{next((l for l in str(exc).splitlines() if 'Unpickler error' in l), str(exc))[:300]}") from None
     if resume_from is not None:
         checkpoint.load_module(resume_from, module)
-    if hasattr(task, "prepare"):  # e.g. a linear probe encodes the data once with the frozen backbone
-        data = task.prepare(module, data, world.device, resolve(recipe.trainer.precision, world.device))
+    data = task.prepare(module, data, world.device, resolve_precision(recipe.trainer.precision, world.device))
     try:
         metrics = fit(task, module, data, recipe, run_dir, world, resume_from=resume_from, on_eval=on_eval)
     except RuntimeError as exc:  # out of memory, a lost peer process: one line, the last checkpoint intact
         raise _runtime_failure(exc, recipe, run_dir, world) or exc
     finally:
         distributed.shutdown(world)
-    test_file = getattr(getattr(task, "data_cfg", None), "test", None)
+    test_file = getattr(plan.data, "test", None)
     if test_file and world.main:  # the held-out test set, scored once with the final (best) model
-        metrics = {**metrics, **{f"test_{k}": v for k, v in _score_test(run_dir, test_file).items()}}
+        metrics = {**metrics, **{f"test_{k}": v for k, v in score_test(run_dir, test_file, plan, quiet=quiet).items()}}
     return RunResult(run_dir, metrics)
+
+
+def read_data(plan: Plan, recipe: Recipe, run_dir: Path, resume_from: Path | None, world: distributed.World) -> RunData:
+    """Rank 0 reads the data first (and trains a tokenizer if there is none) and saves the tokenizer and
+    label map in ``RUN/tokenizer``; the other ranks, and a resumed run, read with those."""
+    saved = run_dir / "tokenizer"
+    task, backbone = plan.task, plan.backbone
+    read = data_reader(plan, recipe)
+
+    if world.main:
+        source = (str(saved) if saved.is_dir() else str(resume_from / "model")) if resume_from is not None else backbone.path
+        data = read(source if backbone.modality == "text" else None, _label_map(saved) if resume_from is not None else None)
+        if resume_from is None and task.data_kind == "labelled":
+            model_labels = _label_map(Path(backbone.path)) if backbone.path else None
+            if model_labels and model_labels != data.label_names and set(data.label_names) <= set(model_labels):
+                data = read(source if backbone.modality == "text" else None, model_labels)  # keep the model's label order
+        if data.tokenizer is not None:
+            data.tokenizer.save_pretrained(saved)
+        if data.label_names is not None:
+            saved.mkdir(parents=True, exist_ok=True)
+            (saved / LABEL_MAP).write_text(json.dumps({"kind": task.head.name if task.head else None,
+                                                       "label_names": data.label_names}))
+    distributed.barrier(world, "rank 0's data and tokenizer", timeout_s=DATA_TIMEOUT_S)  # reading may train a tokenizer
+    if not world.main:
+        data = read(str(saved) if backbone.modality == "text" else None, _label_map(saved))
+    return data
+
+
+def assemble(recipe: Recipe) -> tuple[Task, RunData, torch.nn.Module]:
+    """The recipe's task, data and module, composed as :func:`train` does but without a run directory
+    or training: for notebooks, tests and benchmarks."""
+    plan = compose(recipe)
+    data = data_reader(plan, recipe)(plan.backbone.path if plan.backbone.modality == "text" else None, None)
+    torch.manual_seed(recipe.seed)
+    return plan.task, data, plan.task.build(plan.backbone, data)
+
+
+def data_reader(plan: Plan, recipe: Recipe) -> Any:
+    """``read(tokenizer_path, label_names) -> RunData`` for this plan's modality, task and data section."""
+    options = {"seed": recipe.seed, "head": plan.task.head, "text_family": plan.task.family, "pairs": plan.task.pairs}
+
+    def read(tokenizer_path: str | None, label_names: list[str] | None) -> RunData:
+        return readers.read(plan.backbone.modality, plan.task.data_kind, plan.data, tokenizer_path=tokenizer_path,
+                            label_names=label_names, **options)
+
+    return read
+
+
+def _label_map(folder: Path) -> list[str] | None:
+    """Class names by id saved in ``folder/pretune.json`` (a model folder or ``RUN/tokenizer``), if any."""
+    meta = folder / LABEL_MAP
+    return json.loads(meta.read_text()).get("label_names") if meta.is_file() else None
 
 
 def _runtime_failure(exc: RuntimeError, recipe: Recipe, run_dir: Path, world: distributed.World) -> Exception | None:
     """Out-of-memory or a lost peer during :func:`fit` as a one-line :class:`PretuneError` (None: a bug, re-raised)."""
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    cause = exc.__cause__ if isinstance(exc, StepFailed) and exc.__cause__ is not None else exc
+    text = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
     latest = checkpoint.latest_checkpoint(run_dir)
     kept = f"the last checkpoint {latest} is intact (resume with --resume)" if latest else "no checkpoint was written yet"
-    progress = next((frame.f_locals.get("progress") for frame, _ in traceback.walk_tb(exc.__traceback__)
-                     if frame.f_code.co_name == "fit"), None)  # where fit() was when it failed
-    step = f"step {progress.step + 1}" if progress is not None else "training"
+    step = f"step {exc.step}" if isinstance(exc, StepFailed) else "training"  # where fit() was when it failed
     cfg = recipe.trainer
-    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text.lower():
+    if isinstance(cause, torch.OutOfMemoryError) or "out of memory" in text.lower():
         return ResourceError(
             f"out of memory at {step} with trainer.batch_size={cfg.batch_size} (x accumulate {cfg.accumulate}); {kept}; "
             f"try trainer.batch_size={max(1, cfg.batch_size // 2)} trainer.accumulate={cfg.accumulate * 2} "
             f"(the same global batch), a shorter data.block_size, or trainer.precision=bf16 ({text[:200]})")
-    if world.distributed and (isinstance(exc, getattr(torch.distributed, "DistBackendError", ())) or any(
+    if world.distributed and (isinstance(cause, getattr(torch.distributed, "DistBackendError", ())) or any(
             word in text for word in ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out", "timed out"))):
         return DistributedError(f"rank {world.rank}: another process of the run failed or stopped answering at {step} "
                                 f"({text[:200]}); {kept}")
     return None
 
 
-def _score_test(run_dir: Path, test_file: str) -> dict[str, float]:
-    from pretune.backbones.vision import is_vision_folder
-    from pretune.evaluate.metrics import summary_table
-    from pretune.predict import evaluate_file
+def score_test(run_dir: Path, test_file: str, plan: Plan | None = None, quiet: bool = False) -> dict[str, float]:
+    """Score ``data.test`` with the run's saved model through the predictor, reading it as the recipe's data
+    section does (image / vector options: ``classes``, ``label``, ``bad_files``); {} for a model without a task head."""
+    from pretune.predict import evaluate_file  # the predictor sits above the run: imported when a test set is given
 
-    options: dict[str, Any] = {}
-    if is_vision_folder(run_dir / "model"):  # images / vectors: read the test set as the recipe's data section does
-        import sys
-
-        import yaml
-
-        from pretune.data.arrays import ArrayDataConfig
-
-        meta = json.loads((run_dir / "model" / "pretune.json").read_text())
-        if meta.get("kind") != "single":
-            print(f"pretune: note: data.test is not scored: a {meta.get('task')} model has no classification head", file=sys.stderr)
-            return {}
-        data = ArrayDataConfig.model_validate(yaml.safe_load((run_dir / "recipe.yaml").read_text()).get("data") or {})
-        options = {"classes": data.classes, "label": data.label, "bad_files": data.bad_files}
+    meta_file = run_dir / "model" / LABEL_MAP
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    if "kind" not in meta:
+        print(f"pretune: note: data.test is not scored: a {meta.get('task', 'pretraining')} model has no task head", file=sys.stderr)
+        return {}
+    options = {}
+    if plan is not None and plan.backbone.modality == "array":
+        options = {k: getattr(plan.data, k) for k in ("classes", "label", "bad_files")}
     scores = evaluate_file(str(run_dir / "model"), test_file, out=str(run_dir / "test_metrics.json"), **options)
     scalars = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
     with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
         handle.write(json.dumps({"step": None, "split": "test", **scalars}) + "\n")
-    print(summary_table(scores, title=f"test set {test_file}"))
+    if quiet:  # the full table is in test_metrics.json and the report
+        print(f"test set {test_file}: " + ", ".join(f"{k} {v:.4g}" for k, v in list(scalars.items())[:4]))
+    else:
+        print(summary_table(scores, title=f"test set {test_file}"))
     return scalars
-
-
-def _tokenizer_source(resume_from: Path | None, backbone_path: str | None, saved: Path) -> str | None:
-    if resume_from is not None:
-        return str(saved) if saved.is_dir() else str(resume_from / "model")
-    return backbone_path  # None: train one on the corpus
 
 
 def _prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool, world: distributed.World) -> Path | None:

@@ -209,13 +209,37 @@ def test_builtin_digits():
     counts = Counter(keys)
     assert sorted(counts) == [str(d) for d in range(10)] and min(counts.values()) >= 174 and max(counts.values()) <= 183
 
-    data = build()
-    assert data.modality == "image" and data.shape == (1, 8, 8) and data.label_names == [str(d) for d in range(10)]
+    data = build()  # image recipes read the digits at 16x16 unless data.size says otherwise
+    assert data.modality == "image" and data.shape == (1, 16, 16) and data.label_names == [str(d) for d in range(10)]
+    raw = build(size=8, validation_fraction=0)
+    assert raw.shape == (1, 8, 8) and torch.equal(raw.train.x, x)
     assert len(data.train) + len(data.validation) == 1797 and len(data.validation) == round(0.2 * 1797)
     per_class = Counter(data.validation.labels.tolist())
     assert all(abs(per_class[k] - 0.2 * counts[str(k)]) <= 1 for k in range(10))
     big = build(size=16, channels=3, validation_fraction=0)
     assert big.shape == (3, 16, 16) and 0 <= big.train.x.min() and big.train.x.max() <= 1
+
+
+def test_images_keep_their_own_size_unless_data_size_says_otherwise(tmp_path, capsys):
+    """28x28 photos used to train at 16x16 silently (the recipes set data.size: 16)."""
+    from pretune.recipe import load_recipe
+    from pretune.studies.compare import load_study
+
+    photos = image_folder(tmp_path / "photos", {"a": 3, "b": 3}, size=(28, 28))
+    recipes = {"image-simclr": load_recipe("recipes/image-simclr.yaml", [f"data.images={photos}"]).data,
+               "study-images": load_study("recipes/study-images.yaml", [f"data.images={photos}"])[2].data}
+    for name, data_cfg in recipes.items():
+        assert build(**data_cfg).shape == (1, 28, 28), name
+        assert build(**{**data_cfg, "images": "builtin:digits"}).shape == (1, 16, 16), name  # the demo's digits
+    assert capsys.readouterr().err == ""
+    assert build(images=photos, size=16).shape == (1, 16, 16)
+    note = capsys.readouterr().err.strip().splitlines()
+    assert note == [f"pretune: note: the images of {photos} are 28x28; they are resized to 16x16 because data.size=16 "
+                    "(unset data.size to keep their own size)"]
+    assert build(images=photos, size=28).shape == (1, 28, 28) and capsys.readouterr().err == ""  # nothing changes: nothing said
+    write_image(tmp_path / "photos" / "b" / "wide.png", 1, (40, 30))
+    build(images=photos, size=16)
+    assert "have 2 sizes (28x28, 40x30)" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- splits, budget, classes
@@ -286,8 +310,10 @@ def test_label_names_fix_the_order_and_test_split(tmp_path):
 
 def test_builtin_digits_with_a_test_folder_of_rgb_images(tmp_path):
     test = image_folder(tmp_path / "test", {"3": 2}, size=(8, 8), mode="RGB")
-    data = build(test=test)
+    data = build(test=test, size=8)
     assert data.test.x.shape == (2, 1, 8, 8) and data.test.labels.tolist() == [3, 3]
+    with pytest.raises(DataError, match=r"have shape \(1, 8, 8\) but those of builtin:digits have \(1, 16, 16\); set data.size"):
+        build(test=test)  # the digits are read at 16x16 unless data.size says otherwise
 
 
 # ---------------------------------------------------------------- vector files

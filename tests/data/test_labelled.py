@@ -49,7 +49,7 @@ def build(kind="single", seed=0, label_names=None, **cfg):
 
 def test_csv_string_labels_sorted_and_split(tmp_path):
     data = build(train=write_csv(tmp_path / "train.csv", ["text", "label", "extra"], [(t, y, 1) for t, y in SENTIMENT]))
-    assert data.kind == "single" and data.label_names == ["neg", "neu", "pos"]
+    assert data.head.name == "single" and data.label_names == ["neg", "neu", "pos"]
     assert data.train.column_names == ["text", "labels"]
     assert isinstance(data.train.features["labels"], datasets.ClassLabel)
     assert len(data.train) + len(data.validation) == 20 and len(data.validation) == 2
@@ -214,11 +214,11 @@ def test_multi_label_lists_and_semicolon_strings(tmp_path):
 def test_regression_targets_and_bins(tmp_path):
     rows = [(f"t{i}", str(i / 2)) for i in range(20)]
     data = build("regression", train=write_csv(tmp_path / "r.csv", ["text", "score"], rows), label="score")
-    assert data.label_names == [] and data.kind == "regression"
+    assert data.label_names == [] and data.head.name == "regression"
     values = sorted(list(data.train["labels"]) + list(data.validation["labels"]))
     assert values == [i / 2 for i in range(20)]
     assert Counter(strata([float(i) for i in range(100)], "regression")) == {b: 20 for b in range(5)}
-    kept = apply_budget([float(i) for i in range(100)], 2, seed=0, kind="regression")
+    kept = apply_budget([float(i) for i in range(100)], 2, seed=0, head="regression")
     assert len(kept) == 10  # 2 per quantile bin
 
 

@@ -14,7 +14,7 @@ import transformers  # noqa: E402
 
 from pretune.data.builtin import load_stdlib_docstrings, stdlib_topics  # noqa: E402
 from pretune.data.text import (  # noqa: E402
-    build_text_data, get_tokenizer, load_documents, pack_blocks, sentence_pair_blocks, split_documents,
+    AUTO_LINES, build_text_data, get_tokenizer, load_documents, pack_blocks, sentence_pair_blocks, split_documents, text_reading,
 )
 from pretune.errors import DataError  # noqa: E402
 from pretune.recipe import DataConfig, TokenizerConfig  # noqa: E402
@@ -53,6 +53,64 @@ def test_text_file_paragraphs_are_documents(tmp_path, cfg):
     path = tmp_path / "notes.txt"
     path.write_text("First para\nstill first.\n\n\n\nSecond.\n  \t\nThird\r\n\r\nFourth\n\n   \n", encoding="utf-8")
     assert texts(load_documents(cfg(files=str(path)))) == ["First para\nstill first.", "Second.", "Third", "Fourth"]
+
+
+def sentences(count):
+    return [f"sentence number {i} of the corpus." for i in range(count)]
+
+
+def test_one_sentence_per_line_file_is_one_document_per_line(tmp_path, cfg, capsys):
+    """A 117k-line corpus of one sentence per line used to be one document, so its validation split was empty."""
+    path = tmp_path / "lines.txt"
+    path.write_text("\n".join(sentences(AUTO_LINES)) + "\n\n", encoding="utf-8")  # trailing blank lines do not count
+    assert texts(load_documents(cfg(files=str(path)))) == sentences(AUTO_LINES)
+    note = capsys.readouterr().err.strip().splitlines()
+    assert len(note) == 1 and "lines.txt" in note[0] and "one document per line" in note[0] and "data.document=paragraph" in note[0]
+    # the other readings, chosen explicitly, print nothing
+    assert texts(load_documents(cfg(files=str(path), document="file"))) == ["\n".join(sentences(AUTO_LINES))]
+    assert texts(load_documents(cfg(files=str(path), document="paragraph"))) == ["\n".join(sentences(AUTO_LINES))]
+    assert capsys.readouterr().err == ""
+    # streaming reads the same documents
+    assert texts(load_documents(cfg(files=str(path), streaming=True))) == sentences(AUTO_LINES)
+
+
+def test_document_readings(tmp_path, cfg, capsys):
+    short = tmp_path / "short.txt"  # fewer lines than AUTO_LINES, no blank line: paragraphs, as before (one document)
+    short.write_text("\n".join(sentences(AUTO_LINES - 1)), encoding="utf-8")
+    paragraphs = tmp_path / "paragraphs.txt.gz"  # many lines, one blank line among them: paragraphs
+    with gzip.open(paragraphs, "wt", encoding="utf-8") as handle:
+        handle.write("\n".join(sentences(60)) + "\n  \n" + "\n".join(sentences(60)))
+    assert text_reading(str(short)) == "paragraph" and text_reading(str(paragraphs)) == "paragraph"
+    assert len(load_documents(cfg(files=str(paragraphs)))) == 2
+    assert len(load_documents(cfg(files=str(paragraphs), document="line"))) == 120
+    assert len(load_documents(cfg(files=str(short), document="line"))) == AUTO_LINES - 1
+    assert capsys.readouterr().err == ""
+    lines = tmp_path / "lines.txt"
+    lines.write_text("\n".join(sentences(AUTO_LINES)), encoding="utf-8")
+    assert text_reading(str(lines)) == "line" and text_reading(str(lines), "file") == "file"
+    assert text_reading(str(lines), nsp=True) == "paragraph"  # next-sentence pairs need several sentences per document
+    # a folder mixing both: each file read its own way, in file order
+    docs = texts(load_documents(cfg(files=[str(lines), str(paragraphs), str(short)])))
+    assert docs[:AUTO_LINES] == sentences(AUTO_LINES) and len(docs) == AUTO_LINES + 2 + 1
+
+
+def test_a_corpus_of_one_document_warns_that_there_is_no_validation(tmp_path, cfg, capsys):
+    path = tmp_path / "one.txt"
+    path.write_text(" ".join(WORDS * 20), encoding="utf-8")
+    data = build_text_data(cfg(files=str(path), block_size=16, tokenizer={"vocab_size": 100}), family="encoder", nsp=False, seed=0)
+    assert data.validation is None
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and warning[0].startswith("pretune: warning: no validation set") and "data.validation_files" in warning[0]
+    build_text_data(cfg(files=str(path), block_size=16, validation=0, tokenizer={"vocab_size": 100}), family="encoder", nsp=False, seed=0)
+    assert "warning" not in capsys.readouterr().err  # no validation asked for: nothing to say
+
+
+def test_sentence_per_line_corpus_gets_a_validation_split(tmp_path, cfg, capsys):
+    path = tmp_path / "lines.txt"
+    path.write_text("\n".join(f"{' '.join(random.Random(i).choices(WORDS, k=8))}." for i in range(200)), encoding="utf-8")
+    data = build_text_data(cfg(files=str(path), block_size=16, tokenizer={"vocab_size": 100}), family="encoder", nsp=False, seed=0)
+    assert data.documents == 200 and data.validation is not None and len(data.validation) > 0
+    assert "no validation" not in capsys.readouterr().err
 
 
 def test_jsonl_csv_parquet_read_the_column(tmp_path, cfg):

@@ -27,11 +27,14 @@ def changed(before: dict, after_dir) -> dict[str, bool]:
     return {name: not torch.equal(before[name], after[name]) for name in before}
 
 
+HF = "model.model."  # checkpoint keys: the fine-tuning module -> the classifier -> the Hugging Face model
+
+
 @pytest.mark.parametrize("strategy, frozen_prefixes, trained_prefixes", [
-    ("linear-probe", ["model.bert.embeddings", "model.bert.encoder"], ["model.classifier", "model.bert.pooler"]),
-    ("freeze-bottom:1", ["model.bert.embeddings", "model.bert.encoder.layer.0"], ["model.classifier"]),
-    ("full", [], ["model.bert.embeddings.word_embeddings", "model.bert.encoder.layer.0", "model.classifier"]),
-    ("llrd:0.5", [], ["model.bert.encoder.layer.0", "model.classifier"]),
+    ("linear-probe", [HF + "bert.embeddings", HF + "bert.encoder"], [HF + "classifier", HF + "bert.pooler"]),
+    ("freeze-bottom:1", [HF + "bert.embeddings", HF + "bert.encoder.layer.0"], [HF + "classifier"]),
+    ("full", [], [HF + "bert.embeddings.word_embeddings", HF + "bert.encoder.layer.0", HF + "classifier"]),
+    ("llrd:0.5", [], [HF + "bert.encoder.layer.0", HF + "classifier"]),
 ])
 def test_frozen_parameters_stay_bit_identical_and_trained_ones_move(tmp_path, tiny_encoder, topics, strategy, frozen_prefixes, trained_prefixes):
     run_dir = finetune(tmp_path, tiny_encoder, topics, f"strategy={strategy}", "trainer.epochs=2", "trainer.save_every=1",
@@ -43,7 +46,7 @@ def test_frozen_parameters_stay_bit_identical_and_trained_ones_move(tmp_path, ti
     for name, did_move in moved.items():
         if any(name.startswith(p) for p in frozen_prefixes):
             assert not did_move, f"{name} is frozen under {strategy} but changed"
-            key = name[len("model."):]
+            key = name[len(HF):]
             if key in initial:
                 assert torch.equal(first[name], initial[key]), f"{name} differs from the pretrained weights"
     for prefix in trained_prefixes:
@@ -58,7 +61,7 @@ def test_gradual_unfreezing_adds_one_layer_per_epoch(tmp_path, tiny_encoder, top
     ckpts = sorted((run_dir / "checkpoints").iterdir())
     epoch_ends = [load_file(str(ckpts[i * steps_per_epoch + steps_per_epoch - 1] / "module.safetensors")) for i in range(3)]
     start = load_file(str(ckpts[0] / "module.safetensors"))
-    layer, emb = "model.bert.encoder.layer.0.attention.self.query.weight", "model.bert.embeddings.word_embeddings.weight"
+    layer, emb = HF + "bert.encoder.layer.0.attention.self.query.weight", HF + "bert.embeddings.word_embeddings.weight"
     assert torch.equal(start[layer], epoch_ends[0][layer]) and torch.equal(start[emb], epoch_ends[0][emb])
     assert not torch.equal(epoch_ends[0][layer], epoch_ends[1][layer]) and torch.equal(epoch_ends[0][emb], epoch_ends[1][emb])
     assert not torch.equal(epoch_ends[1][emb], epoch_ends[2][emb])
@@ -125,3 +128,20 @@ def test_unseen_validation_label_is_a_one_line_error(tmp_path, tiny_encoder, top
                  f"data.train={topics / 'train.csv'}", f"data.validation={dev}", *FAST])
     err = capsys.readouterr().err.strip()
     assert code == 4 and "nonexistent" in err and "dev.csv" in err and "\n" not in err
+
+
+def test_predictions_follow_the_output_extension_for_text_models(tmp_path, tiny_encoder, topics):
+    import csv
+
+    run_dir = finetune(tmp_path, tiny_encoder, topics, "trainer.max_steps=2", "trainer.eval_every=2")
+    for out in ("p.csv", "p.tsv", "p.jsonl"):
+        assert main(["predict", str(run_dir / "model"), str(topics / "test.csv"), "--out", str(tmp_path / out)]) == 0
+    with open(tmp_path / "p.csv", newline="") as handle:
+        table = list(csv.DictReader(handle))
+    labels = pretune.load(run_dir / "model").labels
+    assert {"text", "label"} <= set(table[0]) and {f"probability_{name}" for name in labels} <= set(table[0])
+    assert abs(sum(float(table[0][f"probability_{name}"]) for name in labels) - 1) < 1e-4
+    with open(tmp_path / "p.tsv", newline="") as handle:
+        assert len(list(csv.DictReader(handle, delimiter="\t"))) == len(table)
+    jsonl = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [row["label"] for row in jsonl] == [row["label"] for row in table]

@@ -18,10 +18,9 @@ import transformers
 from safetensors.torch import load_file
 
 import pretune
-from pretune.backbones import backbone_config
 from pretune.cli import main
 from pretune.recipe import load_recipe
-from pretune.run import build_task
+from pretune.run import compose, data_reader
 from tests.integration.helpers import ENV
 
 FAST = ["trainer.progress=false", "trainer.tensorboard=false", "trainer.precision=fp32", "trainer.warmup=0",
@@ -58,9 +57,9 @@ def validation_rows(run_dir):
 def rebuild(run_dir, model, *overrides):
     """The task, data and module of a finished run, built again from its saved recipe."""
     recipe = load_recipe(run_dir / "recipe.yaml", list(overrides))
-    task = build_task(recipe)
-    data = task.data(tokenizer_path=str(model))
-    return task, data, task.build(backbone_config(recipe), data)
+    plan = compose(recipe)
+    data = data_reader(plan, recipe)(str(model), None)
+    return plan.task, data, plan.task.build(plan.backbone, data)
 
 
 # -- multi-label classification ------------------------------------------------------------------
@@ -316,7 +315,7 @@ def test_start_from_a_model_with_another_head(tmp_path, tiny_encoder, topics):
                     "strategy=linear-probe", "trainer.max_steps=1") == 0
     assert len(pretune.load(tmp_path / "topics" / "model").labels) == 5
     _, _, module = rebuild(tmp_path / "topics", folder)
-    assert {"model.classifier.weight", "model.classifier.bias"} <= module.new_params  # the resized head is new: it trains
+    assert {"model.classifier.weight", "model.classifier.bias"} <= module.model.new_parameters  # the resized head is new: it trains
     train = write_csv(tmp_path / "train.csv", ["text", "label"], word_count_rows(48, 0))
     assert finetune("text-regress.yaml", tmp_path / "topics" / "model", tmp_path / "regress", f"data.train={train}",
                     "trainer.max_steps=1") == 0

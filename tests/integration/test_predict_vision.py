@@ -13,12 +13,12 @@ import torch
 from PIL import Image
 
 import pretune
-from pretune.backbones.vision import load_backbone
+from pretune.backbones.arrays import load_backbone
 from pretune.cli import main
 from pretune.data.images import load_digits
 from pretune.errors import CheckpointError, DataError
 from pretune.recipe import load_recipe
-from pretune.run import _score_test, train
+from pretune.run import score_test, train
 from pretune.predict import evaluate_file, predict_file
 from tests.integration.helpers import weights
 
@@ -159,9 +159,9 @@ def test_a_pretrained_backbone_without_head_cannot_predict_and_is_not_scored(ima
     shutil.copytree(image_run.run_dir / "model", run_dir / "model")
     shutil.copy(image_run.run_dir / "recipe.yaml", run_dir / "recipe.yaml")
     (run_dir / "model" / "pretune.json").write_text(json.dumps({"task": "simclr", "modality": "image", "input_shape": [1, 8, 8]}))
-    with pytest.raises(CheckpointError, match="simclr model has no classification head"):
+    with pytest.raises(CheckpointError, match="simclr model has no task head"):
         pretune.load(run_dir / "model")
-    assert _score_test(run_dir, "builtin:digits") == {}
+    assert score_test(run_dir, "builtin:digits") == {}
 
 
 def test_vector_model_predicts_and_evaluates_files(vector_run, tmp_path):

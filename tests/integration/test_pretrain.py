@@ -63,3 +63,25 @@ def test_checkpoints_load_weights_only_and_keep_last(tmp_path):
     assert found == ["step-00000006", "step-00000008"]
     state = torch.load(run_dir / "checkpoints" / "step-00000008" / "state.pt", weights_only=True)
     assert state["progress"]["step"] == 8
+
+
+def test_a_causal_lm_generates_text_through_pretune_load(tiny_decoder):
+    import pretune
+    from pretune.predict import Generator
+
+    model = pretune.load(tiny_decoder)
+    assert isinstance(model, Generator)
+    first = model.generate("Return the", max_new_tokens=8, seed=1)
+    assert isinstance(first, str) and first == model.generate("Return the", max_new_tokens=8, seed=1)  # seeded sampling
+    greedy = model.generate(["Return the", "Open a"], max_new_tokens=5, sample=False)
+    assert len(greedy) == 2 and all(isinstance(text, str) for text in greedy)
+    with pytest.raises(Exception, match="generate text with it"):
+        from pretune.predict import Predictor
+
+        Predictor(tiny_decoder)
+
+
+def test_pretune_generate_prints_each_prompt_continued(tiny_decoder, capsys):
+    assert main(["generate", str(tiny_decoder), "--prompt", "Return the", "--prompt", "Open a", "--max-new-tokens", "4", "--greedy"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and out[0].startswith("Return the") and out[1].startswith("Open a")

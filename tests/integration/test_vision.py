@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretune.backbones.vision import load_backbone
+from pretune.backbones.arrays import load_backbone
 from pretune.recipe import load_recipe
 from pretune.run import train
 from tests.integration.helpers import weights
@@ -107,17 +107,17 @@ def test_linear_probe_trains_only_the_head_on_cached_features(tmp_path):
 
 def test_llrd_and_gradual_unfreezing_on_a_cnn(tmp_path):
     from pretune import strategies
-    from pretune.tasks.supervised import Classifier
+    from pretune.backbones.arrays import ArrayClassifier
 
     backbone = load_backbone(run("image-simclr", tmp_path / "pre", "trainer.max_steps=2", "trainer.eval_every=100",
                                  "trainer.batch_size=64").model_dir)
-    model = Classifier(backbone, 10)
-    scales = strategies.lr_scales(strategies.parse("llrd:0.5"), model, {"head.weight", "head.bias"}, 1.0)
+    model = ArrayClassifier(backbone, 10)
+    scales = strategies.lr_scales(strategies.parse("llrd:0.5"), model, 1.0)
     assert scales["backbone.net.stages.2.0.0.weight"] == 0.5 and scales["backbone.net.stem.0.weight"] == 0.5 ** 4
     assert scales["head.weight"] == 1.0
     gradual = strategies.parse("gradual-unfreeze")
     for epoch, trainable_stages in ((0, []), (1, [2]), (2, [1, 2])):
-        strategies.apply(gradual, model, {"head.weight", "head.bias"}, epoch)
+        strategies.apply(gradual, model, epoch)
         trains = {i for i in range(3) if model.backbone.net.stages[i][0][0].weight.requires_grad}
         assert trains == set(trainable_stages) and model.head.weight.requires_grad
 
@@ -129,7 +129,7 @@ def test_timm_backbone_with_local_weights_file(tmp_path):
     reference = timm.create_model("test_resnet", num_classes=0, in_chans=1)
     file = tmp_path / "test_resnet.safetensors"
     safetensors.torch.save_file(reference.state_dict(), str(file))
-    result = run("image-simclr", tmp_path / "run", "backbone.name=test_resnet", f"backbone.weights={file}", "data.size=16",
+    result = run("image-simclr", tmp_path / "run", "backbone=test_resnet", f"backbone.weights={file}", "data.size=16",
                  "trainer.max_steps=1", "trainer.eval_every=100", "trainer.batch_size=16", "trainer.lr=1e-9")
     saved = weights(result.model_dir)
     for name, value in reference.state_dict().items():
@@ -138,3 +138,32 @@ def test_timm_backbone_with_local_weights_file(tmp_path):
     assert json.loads((result.model_dir / "config.json").read_text())["backbone"]["name"] == "test_resnet"
     assert "weights" not in json.loads((result.model_dir / "config.json").read_text())["backbone"]
     assert load_backbone(result.model_dir).num_features == reference.num_features
+
+
+def test_a_saved_timm_backbone_loads_in_timm_itself_with_the_saved_normalisation(tmp_path):
+    timm = pytest.importorskip("timm")
+    result = run("image-simclr", tmp_path / "run", "backbone=test_resnet", "data.size=16", "trainer.max_steps=2",
+                 "trainer.eval_every=100", "trainer.batch_size=16")
+    config = json.loads((result.model_dir / "config.json").read_text())
+    mean, std = (torch.tensor(config["normalization"][k]).view(1, -1, 1, 1) for k in ("mean", "std"))
+    plain = timm.create_model("test_resnet", pretrained=True, num_classes=0, in_chans=1,
+                              pretrained_cfg_overlay={"file": str(result.model_dir / "backbone.safetensors")}).eval()
+    ours = load_backbone(result.model_dir).eval()
+    x = torch.rand(4, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(plain((x - mean) / std), ours(x))
+
+
+def test_a_local_weights_file_counts_as_pretrained_for_a_linear_probe(tmp_path):
+    """The seed documents' recipe: a headless pretrained CNN, trainable=False, a new dense head."""
+    timm = pytest.importorskip("timm")
+    import safetensors.torch
+
+    reference = timm.create_model("test_resnet", num_classes=0, in_chans=1)
+    file = tmp_path / "test_resnet.safetensors"
+    safetensors.torch.save_file(reference.state_dict(), str(file))
+    result = run("image-classify", tmp_path / "probe", "backbone=test_resnet", f"backbone.weights={file}", "data.size=16",
+                 "strategy=linear-probe", "trainer.epochs=2", "trainer.batch_size=64")
+    saved = weights(result.model_dir)
+    for name, value in reference.state_dict().items():  # the frozen backbone is the file's, untouched
+        torch.testing.assert_close(saved[f"backbone.net.model.{name}"], value, atol=0, rtol=0), name

@@ -18,11 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pretune.backbones import backbone_config
 from pretune.cli import main
 from pretune.errors import DataError, PretuneError, RecipeError
 from pretune.recipe import TrainerConfig, load_recipe
-from pretune.run import build_task
+from pretune.run import compose, data_reader
 
 OUTCOMES: dict[str, int] = {}  # campaign tally, printed at the end of the module
 
@@ -31,9 +30,7 @@ def probe(recipe_file: str | Path, overrides: list[str], tokenizer: str | None =
     """Everything ``pretune`` does before training: read and validate the recipe, then read the data."""
     try:
         recipe = load_recipe(recipe_file, overrides)
-        task = build_task(recipe)
-        backbone_config(recipe)
-        task.data(tokenizer_path=tokenizer)
+        data_reader(compose(recipe), recipe)(tokenizer, None)
     except PretuneError as exc:
         return exc
     return None

@@ -2,6 +2,8 @@
 restricted unpickler (explicitly, so TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot undo it), and pickle
 weights from outside refused with one line unless the user passes --trust-pickle."""
 
+import ast
+import json
 import os
 import shutil
 import subprocess
@@ -12,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from pretune.cli import main
+from pretune import safeload
 from pretune.errors import CheckpointError, UnsafeFileError
 from pretune.trainer import checkpoint
 from tests.integration.helpers import ENV
@@ -44,6 +47,25 @@ def test_trainer_state_with_a_payload_is_refused_and_never_runs(tmp_path):
     with pytest.raises(CheckpointError, match=r"state\.pt: cannot be loaded as trainer state"):
         checkpoint.load_state(folder)
     assert not marker.exists()
+
+
+def test_load_torch_state_never_runs_a_payload(tmp_path):
+    """The one torch.load of pretune: restricted unpickler even under TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1."""
+    marker = tmp_path / "ran"
+    plant(tmp_path / "evil.pt", marker)
+    with pytest.raises(Exception, match="(?i)weights.only|unpickl"):
+        safeload.load_torch_state(tmp_path / "evil.pt")
+    assert not marker.exists()
+    torch.save({"step": 3, "w": torch.ones(2)}, tmp_path / "good.pt")
+    assert safeload.load_torch_state(tmp_path / "good.pt")["step"] == 3
+
+
+def test_safeload_is_a_leaf_module():
+    """Backbones, the trainer and the predictor import it downwards: it imports no other pretune module."""
+    tree = ast.parse(open(safeload.__file__, encoding="utf-8").read())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert {name for name in imported if name.startswith("pretune")} == {"pretune.errors"}
 
 
 def test_resume_from_a_planted_state_exits_with_the_checkpoint_code(tmp_path, encoder, labelled):
@@ -113,45 +135,47 @@ def test_trust_pickle_loads_a_genuine_pytorch_model_bin(tmp_path, encoder, label
     ({"model.safetensors": b""}, {"transformers_weights": "model.safetensors"}, None),
 ])
 def test_model_folder_rules(tmp_path, files, config_extra, refused):
-    import json
-
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", **config_extra}))
     for name, content in files.items():
         (tmp_path / name).write_bytes(content)
     if refused is None:
-        checkpoint.check_model_folder(tmp_path)
+        safeload.check_model_folder(tmp_path)
     else:
         with pytest.raises(UnsafeFileError, match=refused):
-            checkpoint.check_model_folder(tmp_path)
+            safeload.check_model_folder(tmp_path)
 
 
 def test_timm_pth_weights_are_refused_unless_trusted(tmp_path, monkeypatch):
     pytest.importorskip("timm")
     import timm
 
-    from pretune.backbones.vision import VisionConfig, build_backbone
+    from types import SimpleNamespace
+
+    from pretune.backbones.timm import Timm, TimmConfig
 
     marker = tmp_path / "ran"
     evil = plant(tmp_path / "weights.pth", marker)
-    cfg = VisionConfig(name="test_resnet", weights=str(evil))
-    shape, mean, std = (3, 32, 32), torch.zeros(3), torch.ones(3)
+    data = SimpleNamespace(arrays=SimpleNamespace(shape=(3, 32, 32), unlabelled_train=SimpleNamespace(x=torch.rand(4, 3, 32, 32))))
+
+    def build_backbone(cfg):
+        return Timm(cfg).build(data)
+
+    cfg = TimmConfig(name="test_resnet", weights=str(evil))
     with pytest.raises(UnsafeFileError, match=r"weights\.pth.*backbone\.weights.*--trust-pickle"):
-        build_backbone(cfg, shape, mean, std)
+        build_backbone(cfg)
     monkeypatch.setenv("PRETUNE_TRUST_PICKLE", "1")  # trusted, but timm still unpickles with weights_only=True
     with pytest.raises(CheckpointError):
-        build_backbone(cfg, shape, mean, std)
+        build_backbone(cfg)
     assert not marker.exists()
     genuine = tmp_path / "genuine.pth"  # a real timm state dict loads when trusted
     reference = timm.create_model("test_resnet", num_classes=0)
     torch.save(reference.state_dict(), genuine)
-    backbone = build_backbone(VisionConfig(name="test_resnet", weights=str(genuine)), shape, mean, std)
+    backbone = build_backbone(TimmConfig(name="test_resnet", weights=str(genuine)))
     name, tensor = next(iter(reference.state_dict().items()))
     assert torch.equal(backbone.net.model.state_dict()[name], tensor)
 
 
 def test_predict_refuses_a_pickle_model_folder(tmp_path, encoder, capsys):
-    import json
-
     from pretune.predict import Predictor
 
     marker = tmp_path / "ran"

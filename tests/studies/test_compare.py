@@ -65,7 +65,8 @@ def test_bad_study_keys_are_one_line_errors(tmp_path):
 def test_text_study_end_to_end_and_resume(tmp_path, tiny_encoder, topics, monkeypatch):
     """Text classification: 2 budgets x 2 seeds x (linear probe, full, scratch), scored on the test file."""
     import pretune.run
-    from pretune.run import build_task
+    from pretune.recipe import load_recipe
+    from pretune.run import compose, data_reader
 
     study_dir = tmp_path / "study"
     args = [f"model={tiny_encoder}", f"data.train={topics / 'train.csv'}", f"data.test={topics / 'test.csv'}",
@@ -86,11 +87,8 @@ def test_text_study_end_to_end_and_resume(tmp_path, tiny_encoder, topics, monkey
 
     # identical labelled rows across arms for a budget and seed; other seeds draw other rows
     def train_texts(cell_dir):
-        recipe = pretune.recipe.load_recipe(cell_dir / "recipe.yaml")
-        task = build_task(recipe)
-        return sorted(task.data(tokenizer_path=str(tiny_encoder)).train["text"])
-
-    import pretune.recipe
+        recipe = load_recipe(cell_dir / "recipe.yaml")
+        return sorted(data_reader(compose(recipe), recipe)(str(tiny_encoder), None).train["text"])
 
     cells = study_dir / "cells"
     half = [train_texts(cells / f"{arm}_budget-0.5_seed-0") for arm in ("pretrained-linear-probe", "pretrained-full", "scratch")]

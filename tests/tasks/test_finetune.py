@@ -1,13 +1,14 @@
 """Fine-tuning pieces against their definitions: cached-feature heads, tag alignment, weighted loss, LLRD."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 import transformers
 
-from pretune import strategies
-from pretune.data.labelled import LabelledDataConfig
-from pretune.tasks.features import head_logits, last_token
-from pretune.tasks.finetune import FinetuneConfig, FinetuneTask, FineTuneModel
+from pretune import heads, strategies
+from pretune.backbones.transformers import HFClassifier, align_tags
+from pretune.errors import RecipeError
+from pretune.tasks.finetune import Finetune, FinetuneConfig, FineTuneModel
 
 
 def tiny(cls, config_cls, **kw):
@@ -28,32 +29,31 @@ def test_cached_feature_head_equals_the_full_forward():
              num_attention_heads=2, intermediate_size=64),
         tiny(transformers.GPT2ForSequenceClassification, transformers.GPT2Config, n_embd=32, n_layer=1, n_head=2),
     ]
+    batch = {"input_ids": ids, "attention_mask": mask}
     for model in models:
+        classifier = HFClassifier(model, set()).eval()
+        assert classifier.supports_cache(heads.get("single"))
         with torch.no_grad():
             expected = model(input_ids=ids, attention_mask=mask).logits
-            hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-            if "GPT2" in type(model).__name__:
-                features = hidden[torch.arange(4), last_token(ids, 0)]
-            else:
-                features = hidden[:, 0]
-            torch.testing.assert_close(head_logits(model, features), expected, msg=type(model).__name__)
+            torch.testing.assert_close(classifier.head_logits(classifier.encode(batch)), expected, msg=type(model).__name__)
+            torch.testing.assert_close(classifier(batch), expected)
 
 
 def test_tags_go_to_the_first_piece_of_each_word():
-    task = FinetuneTask(FinetuneConfig(name="tag"), LabelledDataConfig(train="x"))
     word_ids = [[None, 0, 0, 1, 2, 2, 2, None, None]]
-    assert task.align_tags(word_ids, [[5, 6, 7]]).tolist() == [[-100, 5, -100, 6, 7, -100, -100, -100, -100]]
-    task_all = FinetuneTask(FinetuneConfig(name="tag", label_all_subwords=True), LabelledDataConfig(train="x"))
-    assert task_all.align_tags(word_ids, [[5, 6, 7]]).tolist() == [[-100, 5, 5, 6, 7, 7, 7, -100, -100]]
+    names = ["O", "B-X", "I-X", "a", "b", "c", "d", "e"]
+    assert align_tags(word_ids, [[5, 6, 7]], names, False).tolist() == [[-100, 5, -100, 6, 7, -100, -100, -100, -100]]
+    assert align_tags(word_ids, [[5, 6, 7]], names, True).tolist() == [[-100, 5, 5, 6, 7, 7, 7, -100, -100]]
+    assert align_tags([[None, 0, 0]], [[1]], names, True).tolist() == [[-100, 1, 2]]  # B-X's later pieces are I-X
 
 
 def test_class_weighted_loss_is_pytorchs_weighted_mean():
     model = tiny(transformers.BertForSequenceClassification, transformers.BertConfig, hidden_size=32, num_hidden_layers=1,
                  num_attention_heads=2, intermediate_size=64)
     weights = torch.tensor([1.0, 3.0, 0.5])
-    task = FinetuneTask(FinetuneConfig(), LabelledDataConfig(train="x"))
+    task = Finetune(FinetuneConfig())
     task.class_weights = weights
-    module = FineTuneModel(model, "single", set(), strategies.parse("full"), weights, 1.0)
+    module = FineTuneModel(HFClassifier(model, set()), heads.get("single"), weights, frozen_backbone=False)
     batch = {"input_ids": torch.randint(1, 100, (6, 7)), "labels": torch.tensor([0, 1, 2, 1, 0, 2])}
     out = module(batch)
     expected = F.cross_entropy(model(input_ids=batch["input_ids"]).logits, batch["labels"], weight=weights)
@@ -63,22 +63,31 @@ def test_class_weighted_loss_is_pytorchs_weighted_mean():
 def test_llrd_scales_decay_from_the_top():
     model = tiny(transformers.BertForSequenceClassification, transformers.BertConfig, hidden_size=32, num_hidden_layers=3,
                  num_attention_heads=2, intermediate_size=64)
-    new = {"classifier.weight", "classifier.bias"}
-    scales = strategies.lr_scales(strategies.parse("llrd:0.5"), model, new, head_lr_scale=2.0)
-    assert scales["classifier.weight"] == 2.0
-    assert scales["bert.encoder.layer.2.attention.self.query.weight"] == 0.5
-    assert scales["bert.encoder.layer.0.attention.self.query.weight"] == 0.125
-    assert scales["bert.embeddings.word_embeddings.weight"] == 0.0625
+    classifier = HFClassifier(model, {"classifier.weight", "classifier.bias"})
+    scales = strategies.lr_scales(strategies.parse("llrd:0.5"), classifier, head_scale=2.0)
+    assert scales["model.classifier.weight"] == 2.0
+    assert scales["model.bert.encoder.layer.2.attention.self.query.weight"] == 0.5
+    assert scales["model.bert.encoder.layer.0.attention.self.query.weight"] == 0.125
+    assert scales["model.bert.embeddings.word_embeddings.weight"] == 0.0625
 
 
 def test_strategy_strings():
     assert strategies.parse("freeze-bottom:4").layers == 4
     assert strategies.parse("llrd:0.8").decay == 0.8
-    assert strategies.parse("lora:r=8,alpha=32").lora == {"r": 8, "alpha": 32, "dropout": 0.05}
-    import pytest
-
-    from pretune.errors import RecipeError
-
+    lora = strategies.parse("lora:r=8,alpha=32")
+    assert (lora.r, lora.alpha, lora.dropout) == (8, 32, 0.05)
+    assert str(lora) == "lora:r=8,alpha=32,dropout=0.05" and str(strategies.parse("full")) == "full"
     for bad in ("freeze", "freeze-bottom:x", "llrd:2", "lora:q=1", "full:3"):
         with pytest.raises(RecipeError, match="strategy"):
             strategies.parse(bad)
+
+
+def test_strategy_is_a_typed_recipe_section_checked_before_the_run():
+    from pretune.recipe import load_recipe
+
+    assert load_recipe(None, ["strategy=llrd:0.5"]).strategy.decay == 0.5
+    assert load_recipe(None, ["strategy=lora", "strategy.r=4"]).strategy.r == 4
+    with pytest.raises(RecipeError, match="strategy"):
+        load_recipe(None, ["strategy=freeze-bottom:x"])
+    with pytest.raises(RecipeError, match="strategy"):
+        load_recipe(None, ["strategy.name=nope"])

@@ -9,8 +9,7 @@ import transformers
 from pretune.cli import main
 from pretune.errors import RecipeError
 from pretune.recipe import load_recipe
-from pretune.backbones import backbone_config
-from pretune.run import build_task
+from pretune.run import assemble
 from pretune.tasks.contrastive import info_nce
 from pretune.tasks.simcse import pool
 from tests.integration.helpers import TINY
@@ -18,9 +17,8 @@ from tests.integration.helpers import TINY
 
 def built(tmp_path, *overrides):
     recipe = load_recipe("recipes/text-simcse.yaml", [f"run_dir={tmp_path / 'run'}", *TINY, *overrides])
-    task = build_task(recipe)
-    data = task.data()
-    return task, task.build(backbone_config(recipe), data), data
+    task, data, module = assemble(recipe)
+    return task, module, data
 
 
 def test_views_differ_only_by_dropout_and_the_loss_is_info_nce(tmp_path):

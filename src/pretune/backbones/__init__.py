@@ -1,26 +1,17 @@
-"""Backbones: what maps inputs to features.
+"""Backbones: what maps inputs to features, one file per family (see ``base.py`` for the interface).
 
-- text: Hugging Face transformers (``transformers.py``): BERT, GPT-2, Llama, any local HF folder;
-- images and vectors (``vision.py``): built-in CNN and MLP, any timm model, pretune vision folders.
+- ``hf`` (``transformers.py``): BERT, GPT-2, Llama presets, any local Hugging Face folder (text);
+- ``builtin`` (``builtin.py``): a small CNN for images and an MLP for vectors;
+- ``timm`` (``timm.py``): any timm image model by name (optional extra);
+- ``torchvision`` (``torchvision.py``): torchvision classification models by name (local weights files).
+
+A recipe's ``backbone:`` section names its family with ``family:``, or the first family in
+:data:`ORDER` that claims it does (a model folder says what it is; preset names are unambiguous).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from pretune.backbones import builtin, timm, torchvision, transformers  # noqa: F401  (each file registers its family)
+from pretune.backbones.base import BACKBONES, ORDER, Backbone, Classifier, for_folder, resolve
 
-from pretune.backbones.transformers import FAMILIES, TransformerConfig
-from pretune.backbones.vision import BUILTIN, VisionConfig, wants_vision
-from pretune.errors import RecipeError
-from pretune.recipe import Recipe
-
-
-def backbone_config(recipe: Recipe) -> Any:
-    """Validate the recipe's ``backbone`` section with the config class of its family."""
-    section = recipe.backbone
-    if wants_vision(section):
-        return recipe.section("backbone", VisionConfig)
-    name = section.get("name", "bert")
-    if name in FAMILIES or name == "hf" or section.get("path"):
-        return recipe.section("backbone", TransformerConfig)
-    raise RecipeError(f"recipe key 'backbone.name': unknown backbone {name!r}; choose one of "
-                      f"{', '.join([*FAMILIES, *BUILTIN])}, a timm model name, or set backbone.path")
+__all__ = ["BACKBONES", "Backbone", "Classifier", "ORDER", "for_folder", "resolve"]

@@ -9,15 +9,24 @@ saves is an ordinary Hugging Face folder that the rest of the ecosystem loads, a
 
 from __future__ import annotations
 
+import copy
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import transformers
+from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
+from pretune.backbones.arrays import is_vision_folder
+from pretune.backbones.base import BACKBONES, Backbone, Classifier
+from pretune.data.readers import load_tokenizer
 from pretune.errors import CheckpointError, RecipeError
+from pretune import heads
+from pretune.heads import IGNORE, Head
 from pretune.recipe import Section
-from pretune.trainer import checkpoint
+from pretune.safeload import check_model_folder, pickle_trusted
 
 # Layers, hidden size, heads.  Feed-forward width is 4x hidden, as in BERT and GPT-2.
 SIZES: dict[str, tuple[int, int, int]] = {
@@ -55,7 +64,7 @@ def load_config(path: str | Path) -> PretrainedConfig:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: not a model folder (no config.json)")
-    checkpoint.check_model_folder(path)  # weights only from safetensors unless --trust-pickle
+    check_model_folder(path)  # weights only from safetensors unless --trust-pickle
     try:
         return AutoConfig.from_pretrained(str(path), local_files_only=True)
     except (ValueError, OSError, KeyError) as exc:
@@ -103,7 +112,7 @@ def build_model(cfg: TransformerConfig, auto_class: Any, *, vocab_size: int, spe
         load_config(cfg.path)  # clear error if the folder is not a model
         try:
             model = auto_class.from_pretrained(cfg.path, local_files_only=True, attn_implementation=cfg.attention,
-                                               use_safetensors=None if checkpoint.pickle_trusted() else True, **cfg.config)
+                                               use_safetensors=None if pickle_trusted() else True, **cfg.config)
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{cfg.path}: cannot load as {auto_class.__name__}: {exc}") from None
         if model.config.vocab_size < vocab_size:
@@ -116,7 +125,227 @@ def build_model(cfg: TransformerConfig, auto_class: Any, *, vocab_size: int, spe
     return auto_class(config)  # a concrete class such as BertForPreTraining
 
 
-def count_parameters(model: Any) -> tuple[int, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return total, trainable
+
+
+# -- fine-tuning: the architecture's own Hugging Face head classes ------------------------------------
+_ENCODER_HEADS = ("BertForSequenceClassification", "RobertaForSequenceClassification", "XLMRobertaForSequenceClassification",
+                  "DistilBertForSequenceClassification", "CamembertForSequenceClassification", "ElectraForSequenceClassification")
+_DECODER_HEADS = ("GPT2ForSequenceClassification", "LlamaForSequenceClassification", "MistralForSequenceClassification",
+                  "Qwen2ForSequenceClassification")
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def last_token(input_ids: torch.Tensor, pad_id: int | None) -> torch.Tensor:
+    """The rightmost non-pad position of each row: where Hugging Face decoder classifiers read."""
+    if pad_id is None:
+        return torch.full((len(input_ids),), input_ids.shape[1] - 1, device=input_ids.device)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    return (positions * (input_ids != pad_id)).argmax(-1)
+
+
+class HFClassifier(Classifier):
+    """A Hugging Face ``AutoModelFor{Sequence,Token}Classification``: the exported folder is one that
+    ``transformers`` loads and gives the same predictions with.
+
+    For cached features, ``encode`` returns the representation the architecture's head reads (the
+    ``[CLS]`` state for encoders, the last real token for decoders) and ``head_logits`` replays only
+    the head on it; a test checks ``head_logits(encode(batch)) == forward(batch)`` per family."""
+
+    def __init__(self, model: nn.Module, new_parameters: set[str]):
+        super().__init__()
+        self.model = model
+        self.new_parameters = {f"model.{n}" for n in new_parameters}
+        self.lora = False
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.model.base_model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(**{k: batch[k] for k in TEXT_INPUTS if k in batch}).logits
+
+    def _kind(self) -> str | None:
+        name = type(self.model).__name__
+        return "encoder" if name in _ENCODER_HEADS else "decoder" if name in _DECODER_HEADS else None
+
+    def supports_cache(self, head: Head) -> bool:
+        return not head.per_token and self._kind() is not None
+
+    def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden = self.model.base_model(**{k: batch[k] for k in TEXT_INPUTS if k in batch}).last_hidden_state
+        if self._kind() == "decoder":
+            return hidden[torch.arange(len(hidden), device=hidden.device), last_token(batch["input_ids"], self.model.config.pad_token_id)]
+        return hidden[:, 0]
+
+    def head_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The logits the model's own head computes from the cached representation ``features`` [B, H]."""
+        model, name = self.model, type(self.model).__name__
+        states = features.unsqueeze(1)  # a sequence of length 1: heads that read position 0 read it
+        if name == "BertForSequenceClassification":
+            pooled = model.bert.pooler(states) if model.bert.pooler is not None else features
+            return model.classifier(model.dropout(pooled))
+        if name == "DistilBertForSequenceClassification":
+            return model.classifier(model.dropout(torch.relu(model.pre_classifier(features))))
+        if self._kind() == "encoder":  # RoBERTa / ELECTRA-style heads take the whole sequence and read [:, 0]
+            return model.classifier(states)
+        return model.score(features)
+
+    def layer_groups(self) -> list[list[nn.Module]]:
+        return layer_groups(self.model)
+
+    def add_lora(self, options: dict[str, Any]) -> None:
+        """Low-rank adapters (PEFT) on every linear layer of the blocks; the new task layers train fully."""
+        from peft import LoraConfig, get_peft_model  # imported only for LoRA runs
+
+        heads = sorted({n[len("model."):].rsplit(".", 1)[0] for n in self.new_parameters})
+        config = LoraConfig(r=options["r"], lora_alpha=options["alpha"], lora_dropout=options["dropout"],
+                            target_modules="all-linear", modules_to_save=heads)
+        self.model = get_peft_model(self.model, config)
+        self.lora = True
+        self.new_parameters = {n for n, p in self.named_parameters() if p.requires_grad}
+
+    def exportable(self) -> nn.Module:
+        """The plain Hugging Face model to save: LoRA adapters merged into the weights."""
+        return copy.deepcopy(self.model).merge_and_unload() if self.lora else self.model
+
+
+def layer_groups(model: nn.Module) -> list[list[nn.Module]]:
+    """Bottom-to-top groups of a Hugging Face backbone: embeddings, then each transformer layer."""
+    base = model.base_model
+    embeddings = [m for name in ("embeddings", "embed_tokens", "wte", "wpe", "word_embedding") if (m := getattr(base, name, None)) is not None]
+    for path in ("encoder.layer", "layers", "h", "transformer.layer", "layer"):
+        node: Any = base
+        for part in path.split("."):
+            node = getattr(node, part, None)
+        if isinstance(node, nn.ModuleList):
+            return [embeddings, *[[layer] for layer in node]]
+    raise RecipeError(f"{type(base).__name__}: cannot find its transformer layers for layer-wise strategies")
+
+
+def align_tags(word_ids: list[list[int | None]], tags: list[list[int]], names: list[str], all_subwords: bool) -> torch.Tensor:
+    """Word labels -> piece labels: the first piece of each word carries the word's tag, the rest -100.
+
+    With ``all_subwords`` the other pieces carry the tag too, ``B-X`` turned into ``I-X`` (when
+    ``I-X`` is a known tag) so that a word split into pieces still counts as one entity."""
+    inside = {i: names.index("I-" + name[2:]) for i, name in enumerate(names) if name.startswith("B-") and "I-" + name[2:] in names}
+    out = torch.full((len(word_ids), len(word_ids[0])), IGNORE, dtype=torch.long)
+    for row, (ids, word_tags) in enumerate(zip(word_ids, tags)):
+        previous = None
+        for position, word in enumerate(ids):
+            if word is not None and word != previous:
+                out[row, position] = word_tags[word]
+            elif word is not None and all_subwords:
+                out[row, position] = inside.get(word_tags[word], word_tags[word])
+            previous = word
+    return out
+
+
+def tokenize(tokenizer: Any, texts: list, pairs: list | None, max_length: int, per_token: bool) -> tuple[dict[str, torch.Tensor], Any]:
+    encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length, padding=True, is_split_into_words=per_token,
+                        return_tensors="pt")
+    return {k: encoded[k] for k in TEXT_INPUTS if k in encoded}, encoded
+
+
+@BACKBONES.register("hf")
+class HF(Backbone):
+    """Hugging Face ``transformers`` text models: BERT-family encoders, GPT-2 / Llama decoders, any local folder."""
+
+    name = "hf"
+    modality = "text"
+    Config = TransformerConfig
+
+    @classmethod
+    def claims(cls, section: dict[str, Any]) -> bool:
+        if section.get("path") and (Path(section["path"]) / "config.json").is_file():  # a folder says what it is
+            return not is_vision_folder(section["path"])
+        return section.get("name", "bert") in (*FAMILIES, "hf")
+
+    @property
+    def text_family(self) -> str:
+        """``'encoder'`` or ``'decoder'``: decides tokenizer kind and packing."""
+        return family_of(self.cfg)
+
+    def model(self, auto_class: Any, data: Any) -> PreTrainedModel:
+        """A pretraining model (``auto_class`` carries the objective's head), fresh or from ``cfg.path``."""
+        return build_model(self.cfg, auto_class, vocab_size=len(data.tokenizer), special=special_ids(data.tokenizer),
+                           max_positions=len(data.train[0]["input_ids"]))
+
+    def classifier(self, head: Head, label_names: list[str], data: Any, *, dropout: float = 0.0, augment: Any = None) -> HFClassifier:
+        cfg = self.cfg
+        if not cfg.path:
+            raise RecipeError("recipe key 'backbone.path': fine-tuning needs a model folder to start from (a pretune run's model/ or a Hugging Face folder)")
+        config = load_config(cfg.path)
+        kwargs: dict[str, Any] = {"num_labels": head.outputs(label_names)}
+        if label_names:
+            kwargs.update(id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
+        if head.hf_problem_type:
+            kwargs["problem_type"] = head.hf_problem_type
+        if config.pad_token_id is None:
+            kwargs["pad_token_id"] = data.tokenizer.pad_token_id
+        auto = transformers.AutoModelForTokenClassification if head.per_token else transformers.AutoModelForSequenceClassification
+        verbosity = transformers.utils.logging.get_verbosity()
+        transformers.utils.logging.set_verbosity_error()  # its load report table: we say what is new in one line
+        try:
+            if cfg.pretrained:
+                model, info = auto.from_pretrained(cfg.path, output_loading_info=True, ignore_mismatched_sizes=True,  # a head of another size is new
+                                                   attn_implementation=cfg.attention, use_safetensors=None if pickle_trusted() else True,
+                                                   **kwargs, **cfg.config)
+                new = set(info["missing_keys"]) | {k for k, *_ in info.get("mismatched_keys", [])}
+            else:  # the same architecture, randomly initialised: the "from scratch" arm
+                model = auto.from_config(AutoConfig.from_pretrained(cfg.path, **kwargs, **cfg.config), attn_implementation=cfg.attention)
+                new = {n for n, _ in model.named_parameters()}
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{cfg.path}: cannot load as {auto.__name__}: {exc}") from None
+        finally:
+            transformers.utils.logging.set_verbosity(verbosity)
+        saved_labels = [str(config.id2label[i]) for i in sorted(config.id2label)] if _has_task_head(config) else None
+        if cfg.pretrained and saved_labels is not None and saved_labels != [str(n) for n in label_names]:
+            _reset_head(model)  # the folder's head was trained for other labels: a new task layer, like any other
+            new |= head_parameters(model)
+        fresh = new & {n for n, _ in model.named_parameters()}
+        if cfg.pretrained:
+            shown = sorted({n.rsplit(".", 1)[0] for n in fresh})
+            print(f"pretune: {cfg.path} loaded as {type(model).__name__}; new task layers: {', '.join(shown) or 'none'}",
+                  file=sys.stderr, flush=True)
+        return HFClassifier(model, fresh | head_parameters(model))  # the task layer always trains, loaded or new
+
+    def collate(self, rows: dict[str, Any], seeds: list[int], head: Head, data: Any) -> dict[str, torch.Tensor]:
+        pairs = rows[data.text_pair] if data.text_pair else None
+        batch, encoded = tokenize(data.tokenizer, rows[data.text], pairs, data.max_length, head.per_token)
+        if head.per_token:
+            word_ids = [encoded.word_ids(i) for i in range(len(rows[data.text]))]
+            batch["labels"] = align_tags(word_ids, rows["labels"], data.label_names, data.all_subwords)
+        return batch
+
+    def save(self, module: nn.Module, path: Path, data: Any) -> None:
+        transformers.utils.logging.disable_progress_bar()  # no "Writing model shards" bar at every checkpoint
+        module.exportable().save_pretrained(path)
+        data.tokenizer.save_pretrained(path)
+
+    @classmethod
+    def load_classifier(cls, path: Path, meta: dict[str, Any], device: torch.device) -> tuple[HFClassifier, Any]:
+        auto = transformers.AutoModelForTokenClassification if heads.get(meta["kind"]).per_token else transformers.AutoModelForSequenceClassification
+        check_model_folder(path)  # weights only from safetensors unless --trust-pickle
+        model = auto.from_pretrained(str(path), use_safetensors=None if pickle_trusted() else True)
+        return HFClassifier(model, set()).to(device).eval(), load_tokenizer(str(path))
+
+
+def special_ids(tokenizer: Any) -> dict[str, int]:
+    ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    return {key: value for key, value in ids.items() if value is not None}
+
+
+def _has_task_head(config: PretrainedConfig) -> bool:
+    return any(str(name).endswith(("ForSequenceClassification", "ForTokenClassification")) for name in config.architectures or [])
+
+
+def head_parameters(model: PreTrainedModel) -> set[str]:
+    """Names of the parameters outside the base model: the task head of a ``*For...Classification`` model."""
+    prefix = model.base_model_prefix + "."
+    return {n for n, _ in model.named_parameters() if not n.startswith(prefix)}
+
+
+def _reset_head(model: PreTrainedModel) -> None:
+    """Re-initialise the task head with the architecture's own initialisation."""
+    for module_name in {n.rsplit(".", 1)[0] for n in head_parameters(model)}:
+        model._init_weights(model.get_submodule(module_name))

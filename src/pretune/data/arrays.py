@@ -1,7 +1,8 @@
 """Image and vector data: the ``data:`` section of image/vector recipes, read, split and budgeted.
 
-    data: {images: photos/}                       # one sub-folder per class, or images directly
-    data: {images: "builtin:digits", size: 16}    # the embedded 8x8 digits (the default), resized
+    data: {images: photos/}                       # one sub-folder per class, or images directly, at their own size
+    data: {images: photos/, size: 32}             # resized to 32x32 (one line on stderr says so)
+    data: {images: "builtin:digits"}              # the embedded 8x8 digits (the default), read at 16x16
     data: {vectors: features.csv, label: y}       # CSV/TSV, Parquet, NPY or NPZ (``file:`` also works)
     data: {vectors: "builtin:digits"}             # the embedded digits as 64-value vectors
 
@@ -29,8 +30,8 @@ import numpy as np
 import torch
 from pydantic import AliasChoices, ConfigDict, Field, field_validator, model_validator
 
-from pretune.data.images import BUILTIN_DIGITS, Channels, list_images, load_digits, load_image_files
-from pretune.data.labelled import _check_budget, _not_in_map, apply_budget, stratified_split
+from pretune.data.images import BUILTIN_DIGITS, DIGITS_SIZE, Channels, list_images, load_digits, load_image_files, own_sizes
+from pretune.data.labelled import apply_budget, check_budget, not_in_map, stratified_split
 from pretune.data.vectors import read_vectors
 from pretune.errors import DataError
 from pretune.recipe import Section
@@ -55,7 +56,7 @@ class ArrayDataConfig(Section):
     images: str | None = None  # folder (one sub-folder per class, or images directly) or 'builtin:digits'
     vectors: str | None = Field(None, validation_alias=AliasChoices("vectors", "file"))  # CSV/TSV/NPY/NPZ/Parquet
     label: str | None = "label"  # vectors: label column (CSV/Parquet); NPZ: array 'y'; absent => unlabelled
-    size: int | None = Field(None, ge=1)  # images: resize to size x size; None: keep (all must match)
+    size: int | None = Field(None, ge=1)  # images: resize to size x size; None: their own size (all must match; the 8x8 digits: 16x16)
     channels: Channels = "auto"  # auto: 1 if every image is gray, else 3
     validation_fraction: float = Field(0.2, ge=0, lt=1)  # 0: no validation split
     split_seed: int = 0  # the split, independent of the run seed, so pretraining and fine-tuning agree
@@ -84,7 +85,7 @@ class ArrayDataConfig(Section):
     @field_validator("budget", mode="before")  # before: True is not 1 and 1 is not 1.0
     @classmethod
     def _budget_range(cls, value: Any) -> float | int | None:
-        return value if value is None else _check_budget(value)
+        return value if value is None else check_budget(value)
 
     @field_validator("classes", mode="before")  # YAML reads `classes: [0, 1]` as integers
     @classmethod
@@ -138,7 +139,7 @@ def _read(source: str, cfg: ArrayDataConfig, main: bool, channels: Channels) -> 
     elif cfg.vectors is not None:
         x, keys = read_vectors(source, cfg.label)
     elif source == BUILTIN_DIGITS:
-        x, keys = load_digits(cfg.size, channels)
+        x, keys = load_digits(cfg.size or DIGITS_SIZE, channels)
     else:
         paths, keys = list_images(source)
     total = len(paths if paths is not None else x)
@@ -153,7 +154,19 @@ def _read(source: str, cfg: ArrayDataConfig, main: bool, channels: Channels) -> 
     else:
         x, kept, skipped = load_image_files([paths[i] for i in rows], cfg.size, channels, cfg.bad_files)
         rows = [rows[i] for i in kept]
+        if cfg.size is not None:
+            _note_resize(source, [paths[i] for i in rows], cfg.size)
     return _Examples(x, None if keys is None else [keys[i] for i in rows], rows, skipped), held
+
+
+def _note_resize(source: str, paths: list, size: int) -> None:
+    """One line on stderr when ``data.size`` changes the images' own size (a recipe's size is easy to miss)."""
+    sizes = own_sizes(paths)
+    if sizes == [f"{size}x{size}"]:
+        return
+    own = f"are {sizes[0]}" if len(sizes) == 1 else f"have {len(sizes)} sizes ({', '.join(sizes[:3])}{', ...' if len(sizes) > 3 else ''})"
+    print(f"pretune: note: the images of {source} {own}; they are resized to {size}x{size} because data.size={size} "
+          "(unset data.size to keep their own size)", file=sys.stderr, flush=True)
 
 
 def _select(keys: list[str] | None, total: int, cfg: ArrayDataConfig, source: str, main: bool) -> list[int]:
@@ -181,7 +194,7 @@ def _sorted_names(keys: set[str]) -> list[str]:
     return sorted(keys, key=int) if all(re.fullmatch(r"[+-]?\d+", k) for k in keys) else sorted(keys)
 
 
-def _encode(keys: list[str], names: list[str], source: str, unseen: str) -> torch.Tensor:
+def encode_labels(keys: list[str], names: list[str], source: str, unseen: str) -> torch.Tensor:
     label2id = {name: i for i, name in enumerate(names)}
     for key in keys:
         if key not in label2id:
@@ -216,13 +229,13 @@ def build_array_data(cfg: ArrayDataConfig, seed: int = 0, label_names: list[str]
     if main.keys is not None:
         if label_names is not None:
             names = [str(name) for name in label_names]
-            unseen = _not_in_map(names)
+            unseen = not_in_map(names)
         else:
             names = _sorted_names(set(main.keys))
             unseen = f"never appears in {source}"
-        labels = _encode(main.keys, names, source, unseen)
+        labels = encode_labels(main.keys, names, source, unseen)
         if test is not None and test.keys is not None:
-            test_labels = _encode(test.keys, names, cfg.test, unseen)
+            test_labels = encode_labels(test.keys, names, cfg.test, unseen)
 
     held_rows = set(held)
     train_pos = [p for p, row in enumerate(main.rows) if row not in held_rows]

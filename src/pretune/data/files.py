@@ -15,6 +15,8 @@ import json
 import os
 from typing import IO, Iterable
 
+import pyarrow.parquet as pq
+
 from pretune.errors import DataError
 
 SUFFIXES = {
@@ -129,6 +131,24 @@ def check_utf8(path: str) -> None:
             raise DataError(f"{path}, line {line}: file ends inside a UTF-8 character (truncated?)") from None
 
 
+def text_layout(path: str) -> tuple[int, bool]:
+    """``(non-empty lines, whether a blank line separates two of them)`` of a text file (``.gz`` too).
+
+    Stops at the first blank line between text, so a file of paragraphs is read only up to it.
+    Blank lines at the start or the end of the file do not count.
+    """
+    lines, blank_after_text = 0, False
+    with _open(path) as raw:
+        for line in raw:
+            if not line.strip():
+                blank_after_text = lines > 0
+            elif blank_after_text:
+                return lines + 1, True
+            else:
+                lines += 1
+    return lines, False
+
+
 def _need_column(path: str, column: str, columns: list[str]) -> None:
     if column not in columns:
         shown = ", ".join(repr(c) for c in columns[:20]) or "none"
@@ -168,8 +188,6 @@ def find_bad_json_line(path: str) -> None:
 
 
 def _check_parquet(path: str, column: str) -> None:
-    import pyarrow.parquet as pq
-
     try:
         names = pq.read_schema(path).names
     except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for non-Parquet bytes

@@ -5,9 +5,13 @@
     builtin:digits                                the embedded 8x8 digits (see ``builtin/DIGITS_LICENSE.txt``)
 
 Files are read in sorted path order with Pillow, converted to ``L`` (1 channel) or ``RGB``
-(3 channels) and resized with bilinear filtering.  Every file is decoded in full (``load()``), so a
-truncated file fails here instead of in the middle of training; with ``bad_files: skip`` it is
-left out and reported by name, with ``error`` it stops the run.
+(3 channels) and, when a size is given, resized with bilinear filtering.  Every file is decoded in
+full (``load()``), so a truncated file fails here instead of in the middle of training; with
+``bad_files: skip`` it is left out and reported by name, with ``error`` it stops the run.
+
+Image recipes read the embedded digits at ``DIGITS_SIZE`` (16x16) unless ``data.size`` says
+otherwise: at 8x8 a random resized crop keeps a few pixels of a digit, and the small CNN's stages
+halve 8 pixels to 2.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from PIL import Image, ImageFile
 from pretune.errors import DataError
 
 BUILTIN_DIGITS = "builtin:digits"
+DIGITS_SIZE = 16  # the side image recipes read the 8x8 digits at when data.size is unset (upsampled, bilinear)
+SIZE_SAMPLE = 256  # image headers read to tell a folder's own size
 DIGITS_FILE = Path(__file__).parent / "builtin" / "digits.csv.gz"
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
@@ -128,6 +134,17 @@ def load_image_files(paths: list[Path], size: int | tuple[int, int] | None, chan
         arrays = [a[:, :, None] for a in arrays]
     pixels = np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2))  # [N, H, W, C] -> [N, C, H, W]
     return torch.from_numpy(pixels).float().div_(255), kept, skipped
+
+
+def own_sizes(paths: list[Path]) -> list[str]:
+    """The distinct sizes (``"28x28"``, width x height) of the first ``SIZE_SAMPLE`` images, most common
+    first; Pillow reads only their headers."""
+    counts: dict[str, int] = {}
+    for path in paths[:SIZE_SAMPLE]:
+        with Image.open(path) as image:
+            name = f"{image.width}x{image.height}"
+        counts[name] = counts.get(name, 0) + 1
+    return sorted(counts, key=counts.get, reverse=True)
 
 
 def load_digits(size: int | None = None, channels: Channels = "auto") -> tuple[torch.Tensor, list[str]]:

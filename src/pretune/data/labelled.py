@@ -32,11 +32,11 @@ import numpy as np
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
+from pretune import heads
 from pretune.errors import DataError
+from pretune.heads import Head, label_key, words
 from pretune.recipe import Section
 
-KINDS = ("single", "multi", "regression", "tags")
-REGRESSION_BINS = 5  # quantile bins that stand in for classes when splitting / budgeting targets
 LABEL_MAP_FILE = "label_map.json"
 
 
@@ -57,7 +57,7 @@ class LabelledDataConfig(Section):
     @field_validator("budget", mode="before")  # before: True is not 1 and 1 is not 1.0
     @classmethod
     def _budget_range(cls, value: Any) -> float | int | None:
-        return value if value is None else _check_budget(value)
+        return value if value is None else check_budget(value)
 
 
 @dataclass
@@ -65,7 +65,7 @@ class LabelledData:
     train: datasets.Dataset
     validation: datasets.Dataset | None  # None only when train is too small to hold any row out
     test: datasets.Dataset | None
-    kind: str
+    head: Head
     label_names: list[str]
 
 
@@ -101,7 +101,7 @@ def _read_columns(path: str, columns: list[str]) -> dict[str, list]:
     return {name: column(name) for name in columns}
 
 
-def _read_text(path: str) -> str:
+def read_text_file(path: str) -> str:
     data = Path(path).read_bytes()
     try:
         return data.decode("utf-8-sig")  # a byte-order mark (Excel) is not part of the first column name
@@ -112,7 +112,7 @@ def _read_text(path: str) -> str:
 
 def _read_csv(path: str, delimiter: str):
     csv.field_size_limit(2**31 - 1)  # long documents are fields too (the default limit is 128 KiB)
-    reader = csv.reader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter)
+    reader = csv.reader(io.StringIO(read_text_file(path), newline=""), delimiter=delimiter)
     try:
         header = next(reader, [])
         rows = [row for row in reader if row]  # blank lines are not rows
@@ -125,7 +125,7 @@ def _read_csv(path: str, delimiter: str):
 
 
 def _read_json(path: str):
-    text = _read_text(path)
+    text = read_text_file(path)
     array = text.lstrip().startswith("[")  # one JSON array of records, else JSON lines
     records: list = []  # lines split on "\n" only: other line breaks may sit inside strings
     for number, line in enumerate([text] if array else text.split("\n"), 1):
@@ -174,114 +174,54 @@ def _decode(feature: Any, values: list) -> list:
     return values
 
 
-def _parse(path: str, cfg: LabelledDataConfig, kind: str) -> tuple[dict[str, list], list]:
+def _parse(path: str, cfg: LabelledDataConfig, head: Head) -> tuple[dict[str, list], list]:
     """Texts and labels of one file; labels before ids: keys, lists of keys or float targets."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     text_columns = [cfg.text] + ([cfg.text_pair] if cfg.text_pair else [])
     table = _read_columns(path, text_columns + [cfg.label])
     texts = {}
     for column in text_columns:
-        texts[column] = [_words(value) if kind == "tags" else value for value in table[column]]
+        texts[column] = [words(value) if head.per_token else value for value in table[column]]
         for row, value in enumerate(texts[column], 1):
-            if kind != "tags" and value is not None and not isinstance(value, str):  # e.g. a JSON object in a text column
+            if not head.per_token and value is not None and not isinstance(value, str):  # e.g. a JSON object in a text column
                 raise DataError(f"row {row} of {path} column {column!r} holds {type(value).__name__} {str(value)[:40]!r}, not text")
             if not value or not str(value).strip():
                 raise DataError(f"empty text in row {row} of {path} column {column!r}")
     labels = []
     for row, value in enumerate(table[cfg.label], 1):
         where = f"row {row} of {path} column {cfg.label!r}"
-        labels.append(_label(value, kind, where, len(texts[cfg.text][row - 1]), cfg.text))
+        labels.append(head.parse(value, where, len(texts[cfg.text][row - 1]), cfg.text))
     return texts, labels
 
 
-def _label(value: Any, kind: str, where: str, words: int, text_column: str) -> Any:
-    if kind == "regression":
-        return _target(value, where)
-    if kind == "multi":
-        if value is None:
-            raise DataError(f"missing label in {where} (write [] or an empty string for no label)")
-        parts = value.split(";") if isinstance(value, str) else value if isinstance(value, list) else [value]
-        return [key for key in map(_key, parts) if key is not None]
-    if kind == "tags":
-        tags = _words(value)
-        if tags is None or None in (keys := [_key(tag) for tag in tags]):
-            raise DataError(f"missing tag in {where}")
-        if len(keys) != words:
-            raise DataError(f"{where} has {len(keys)} tags but column {text_column!r} has {words} words")
-        return keys
-    if isinstance(value, (list, dict)):
-        raise DataError(f"{where} holds several labels; lists need a multi-label task")
-    if (key := _key(value)) is None:
-        raise DataError(f"missing label in {where}")
-    return key
-
-
-def _key(value: Any) -> str | None:
-    """One label as the string used in the label map; None when missing."""
-    if isinstance(value, float):  # 1.0 and 1 are the same class; NaN is no label
-        value = None if math.isnan(value) else int(value) if value.is_integer() else value
-    return None if value is None else str(value).strip() or None
-
-
-def _words(value: Any) -> list[str] | None:
-    if isinstance(value, (list, tuple)):
-        return [str(word) for word in value]
-    return None if value is None else str(value).split()
-
-
-def _target(value: Any, where: str) -> float:
-    if value is None or (isinstance(value, str) and not value.strip()):
-        raise DataError(f"missing regression target in {where}")
-    try:
-        target = float(value)
-    except (TypeError, ValueError):
-        raise DataError(f"regression target {value!r} in {where} is not a number") from None
-    if not math.isfinite(target):
-        raise DataError(f"regression target {value!r} in {where} is NaN or infinite")
-    return target
-
-
-def _encode(path: str, column: str, kind: str, labels: list, names: list[str], unseen: str) -> list:
+def _encode(path: str, column: str, head: Head, labels: list, names: list[str], unseen: str) -> list:
     """Label keys to ids (multi: multi-hot floats); ``unseen`` ends the error for an unknown key."""
-    if kind == "regression":
-        return labels
     label2id = {name: i for i, name in enumerate(names)}
     for row, value in enumerate(labels, 1):
-        for key in [value] if kind == "single" else value:
+        for key in head.keys(value):
             if key not in label2id:
                 raise DataError(f"label {key!r} in row {row} of {path} column {column!r} {unseen}")
-    if kind == "single":
-        return [label2id[key] for key in labels]
-    if kind == "tags":
-        return [[label2id[key] for key in keys] for keys in labels]
-    return [[float(name in keys) for name in names] for keys in map(set, labels)]
+    return [head.encode(value, label2id) for value in labels]
 
 
-def strata(labels: list, kind: str = "single") -> list:
+def strata(labels: list, head: Head | str = "single") -> list:
     """The class a row counts under when splitting or budgeting: single: its label; multi (multi-hot
     rows): the lowest label id set, -1 for none; regression: one of 5 quantile bins; tags: one class."""
-    if kind == "multi":
-        return [next((i for i, v in enumerate(row) if v), -1) for row in labels]
-    if kind == "regression" and labels:
-        edges = np.quantile(np.asarray(labels, dtype=float), np.linspace(0, 1, REGRESSION_BINS + 1)[1:-1])
-        return np.searchsorted(edges, labels, side="right").tolist()
-    return [0] * len(labels) if kind == "tags" else list(labels)
+    return heads.get(head).strata(labels)
 
 
-def _groups(labels: list, kind: str) -> dict[Any, list[int]]:
+def _groups(labels: list, head: Head | str) -> dict[Any, list[int]]:
     """Row indices per stratum, strata in order of first appearance (so seeded draws repeat)."""
     groups: dict[Any, list[int]] = {}
-    for index, key in enumerate(strata(labels, kind)):
+    for index, key in enumerate(strata(labels, head)):
         groups.setdefault(key, []).append(index)
     return groups
 
 
-def stratified_split(labels: list, fraction: float, seed: int, kind: str = "single") -> tuple[list[int], list[int]]:
+def stratified_split(labels: list, fraction: float, seed: int, head: Head | str = "single") -> tuple[list[int], list[int]]:
     """(train indices, validation indices), sorted.  round(fraction * n) rows (at least one) go to
     validation, shared among classes by size (largest remainders first); a class of n >= 2 rows
     keeps at least one row in train, a class of one row stays in train."""
-    groups = _groups(labels, kind)
+    groups = _groups(labels, head)
     quota = {key: fraction * len(members) for key, members in groups.items()}
     room = {key: len(members) - 1 for key, members in groups.items()}
     take = {key: min(math.floor(quota[key]), room[key]) for key in groups}
@@ -296,30 +236,29 @@ def stratified_split(labels: list, fraction: float, seed: int, kind: str = "sing
     return [i for i in range(len(labels)) if i not in held], sorted(held)
 
 
-def _check_budget(budget: float | int) -> float | int:
+def check_budget(budget: float | int) -> float | int:
     if isinstance(budget, float) and 0 < budget <= 1 or type(budget) is int and budget >= 1:
         return budget
     raise ValueError("must be a fraction in (0, 1] or an integer number of rows per class >= 1")
 
 
-def apply_budget(labels: list, budget: float | int, seed: int, kind: str = "single") -> list[int]:
+def apply_budget(labels: list, budget: float | int, seed: int, head: Head | str = "single") -> list[int]:
     """Sorted indices of the rows kept: per class (:func:`strata`), the first k rows of a seeded
     permutation; k = max(1, round(budget * n)) for a fraction, min(budget, n) for an integer.  The
     permutations depend on ``seed`` and the labels only: a smaller budget keeps a subset of a larger."""
-    _check_budget(budget)
+    check_budget(budget)
     rng = np.random.default_rng(seed)
     kept = []
-    for members in _groups(labels, kind).values():
+    for members in _groups(labels, head).values():
         n = len(members)
         k = min(budget, n) if isinstance(budget, int) else max(1, math.floor(budget * n + 0.5))
         kept.extend(rng.permutation(members)[:k].tolist())
     return sorted(kept)
 
 
-def _features(cfg: LabelledDataConfig, kind: str, names: list[str]) -> datasets.Features:
-    text = datasets.List(datasets.Value("string")) if kind == "tags" else datasets.Value("string")
-    labels = {"single": datasets.ClassLabel(names=names), "multi": datasets.List(datasets.Value("float32")),
-              "regression": datasets.Value("float32"), "tags": datasets.List(datasets.ClassLabel(names=names))}[kind]
+def _features(cfg: LabelledDataConfig, head: Head, names: list[str]) -> datasets.Features:
+    text = datasets.List(datasets.Value("string")) if head.per_token else datasets.Value("string")
+    labels = head.feature(names)
     columns = {cfg.text: text} | ({cfg.text_pair: text} if cfg.text_pair else {})
     return datasets.Features(columns | {"labels": labels})
 
@@ -331,49 +270,51 @@ def _dataset(features: datasets.Features, texts: dict[str, list], labels: list, 
     return datasets.Dataset.from_dict(columns, features=features)
 
 
-def _not_in_map(names: list[str]) -> str:
+def not_in_map(names: list[str]) -> str:
     return f"is not in the label map ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})"
 
 
-def read_labelled(path: str, cfg: LabelledDataConfig, kind: str, label_names: list[str]) -> datasets.Dataset:
+def read_labelled(path: str, cfg: LabelledDataConfig, head: Head | str, label_names: list[str]) -> datasets.Dataset:
     """One labelled file under a fixed label map (evaluating a saved model on a new file)."""
-    texts, labels = _parse(path, cfg, kind)
-    labels = _encode(path, cfg.label, kind, labels, list(label_names), _not_in_map(list(label_names)))
-    return _dataset(_features(cfg, kind, list(label_names)), texts, labels)
+    head = heads.get(head)
+    texts, labels = _parse(path, cfg, head)
+    labels = _encode(path, cfg.label, head, labels, list(label_names), not_in_map(list(label_names)))
+    return _dataset(_features(cfg, head, list(label_names)), texts, labels)
 
 
-def build_labelled(cfg: LabelledDataConfig, kind: str, seed: int, label_names: list[str] | None = None) -> LabelledData:
+def build_labelled(cfg: LabelledDataConfig, head: Head | str, seed: int, label_names: list[str] | None = None) -> LabelledData:
     """Train / validation / test of a fine-tuning recipe.  ``seed`` draws the validation share of
     train (without a validation file); ``cfg.budget_seed`` draws the budget from the rest, so
     validation is the same whatever the budget."""
     if cfg.train is None:
         raise DataError("data.train is not set: fine-tuning needs a labelled training file")
-    texts, raw = _parse(cfg.train, cfg, kind)
-    if kind == "regression":
+    head = heads.get(head)
+    texts, raw = _parse(cfg.train, cfg, head)
+    if not head.has_classes:
         names: list[str] = []
     elif label_names is not None:
         names = [str(name) for name in label_names]
     else:
-        keys = {key for value in raw for key in ([value] if kind == "single" else value)}
+        keys = {key for value in raw for key in head.keys(value)}
         names = sorted(keys, key=int) if all(re.fullmatch(r"[+-]?\d+", k) for k in keys) else sorted(keys)
-    labels = _encode(cfg.train, cfg.label, kind, raw, names, _not_in_map(names))
-    unseen = f"never appears in {cfg.train}" if label_names is None else _not_in_map(names)
-    features = _features(cfg, kind, names)
+    labels = _encode(cfg.train, cfg.label, head, raw, names, not_in_map(names))
+    unseen = f"never appears in {cfg.train}" if label_names is None else not_in_map(names)
+    features = _features(cfg, head, names)
 
     def other(path: str | None) -> datasets.Dataset | None:
         if path is None:
             return None
-        other_texts, other_raw = _parse(path, cfg, kind)
-        return _dataset(features, other_texts, _encode(path, cfg.label, kind, other_raw, names, unseen))
+        other_texts, other_raw = _parse(path, cfg, head)
+        return _dataset(features, other_texts, _encode(path, cfg.label, head, other_raw, names, unseen))
 
     validation = other(cfg.validation)
     keep = list(range(len(labels)))
     if validation is None:
-        keep, held = stratified_split(labels, cfg.validation_fraction, seed, kind)
+        keep, held = stratified_split(labels, cfg.validation_fraction, seed, head)
         validation = _dataset(features, texts, labels, held) if held else None
     if cfg.budget is not None:
-        keep = [keep[i] for i in apply_budget([labels[i] for i in keep], cfg.budget, cfg.budget_seed, kind)]
-    return LabelledData(_dataset(features, texts, labels, keep), validation, other(cfg.test), kind, names)
+        keep = [keep[i] for i in apply_budget([labels[i] for i in keep], cfg.budget, cfg.budget_seed, head)]
+    return LabelledData(_dataset(features, texts, labels, keep), validation, other(cfg.test), head, names)
 
 
 def label_map_json(label_names: list[str]) -> str:

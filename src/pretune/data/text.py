@@ -17,6 +17,7 @@ import itertools
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -27,7 +28,7 @@ import transformers
 from datasets.fingerprint import Hasher
 
 from pretune.data.builtin import load_stdlib_docstrings
-from pretune.data.files import check_file, describe, find_bad_json_line, resolve_files, signature
+from pretune.data.files import check_file, describe, find_bad_json_line, resolve_files, signature, text_layout
 from pretune.data.nsp import sentence_pair_blocks
 from pretune.data.tokenizer import get_tokenizer, tokenizer_fingerprint
 from pretune.errors import DataError, PretuneError
@@ -39,6 +40,8 @@ BUILDERS = {"text": "text", "jsonl": "json", "csv": "csv", "parquet": "parquet"}
 TEXT_FEATURES = datasets.Features({"text": datasets.Value("string")})
 IDS_FEATURES = datasets.Features({"input_ids": datasets.List(datasets.Value("int32"))})
 PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n")
+SAMPLE_BY = {"line": "line", "paragraph": "paragraph", "file": "document"}  # data.document -> datasets' text builder
+AUTO_LINES = 50  # data.document=auto: a text file of this many lines and no blank line is one document per line
 
 
 @dataclass
@@ -55,15 +58,16 @@ class TextData:
 # ---------------------------------------------------------------------------- documents
 
 
-def load_documents(cfg: DataConfig) -> datasets.Dataset:
+def load_documents(cfg: DataConfig, nsp: bool = False) -> datasets.Dataset:
     """One row per non-empty document, column ``text``, from ``cfg.files`` (or the embedded corpus).
 
     ``cfg.files`` lists files, folders (read recursively) and globs.  The format follows the
-    suffix unless ``cfg.format`` is set: ``.txt .text .md`` are plain text where each
-    blank-line-separated paragraph is a document; ``.jsonl .json .csv .parquet`` hold one document
-    per row in ``cfg.column``.  ``.gz`` compression works for text, JSON lines and CSV.
+    suffix unless ``cfg.format`` is set: ``.txt .text .md`` are plain text, split into documents
+    as ``cfg.document`` says (:func:`text_reading`); ``.jsonl .json .csv .parquet`` hold one
+    document per row in ``cfg.column``.  ``.gz`` compression works for text, JSON lines and CSV.
     With ``cfg.streaming`` the files are read as a stream and written to Arrow incrementally.
     Documents are stripped, empty ones dropped, and at most ``cfg.max_documents`` kept (the first).
+    ``nsp``: the documents feed next-sentence prediction, which needs several sentences per document.
     """
     if cfg.files is None:
         documents = load_stdlib_docstrings().select_columns(["text"])
@@ -71,11 +75,13 @@ def load_documents(cfg: DataConfig) -> datasets.Dataset:
     files = resolve_files(cfg.files, cfg.format)
     for path, fmt in files:
         check_file(path, fmt, cfg.column)
-    runs = [(fmt, [path for path, _ in group]) for fmt, group in itertools.groupby(files, key=lambda pf: pf[1])]
+    readings = _text_readings([path for path, fmt in files if fmt == "text"], cfg.document, nsp)
+    keyed = [(path, (fmt, readings.get(path))) for path, fmt in files]
+    runs = [(key, [path for path, _ in group]) for key, group in itertools.groupby(keyed, key=lambda pk: pk[1])]
     if cfg.streaming:
         documents = _stream_documents(runs, cfg)
     else:
-        parts = [_read_run(paths, fmt, cfg) for fmt, paths in runs]
+        parts = [_read_run(paths, fmt, reading, cfg) for (fmt, reading), paths in runs]
         documents = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
         if cfg.max_documents is not None and len(documents) > cfg.max_documents:
             documents = documents.select(range(cfg.max_documents))
@@ -84,9 +90,34 @@ def load_documents(cfg: DataConfig) -> datasets.Dataset:
     return documents
 
 
-def _open_run(paths: list[str], fmt: str, cache_dir: str | None, streaming: bool) -> Any:
-    """``datasets.load_dataset`` over files of one format, with one-line errors."""
-    options = {"sample_by": "paragraph"} if fmt == "text" else {}
+def text_reading(path: str, document: str = "auto", nsp: bool = False) -> str:
+    """How the text file ``path`` splits into documents: ``line``, ``paragraph`` or ``file``.
+
+    ``data.document`` other than ``auto`` is taken as it is.  ``auto`` reads a file of at least
+    ``AUTO_LINES`` lines and no blank line one document per line (a corpus of one sentence or one
+    record per line), and any other file by paragraphs (blank-line separated).  With next-sentence
+    prediction a line is a sentence, not a document, so ``auto`` keeps paragraphs (BERT's own format
+    puts a blank line between documents).
+    """
+    if document != "auto":
+        return document
+    lines, blank = text_layout(path)
+    return "line" if lines >= AUTO_LINES and not blank and not nsp else "paragraph"
+
+
+def _text_readings(paths: list[str], document: str, nsp: bool) -> dict[str, str]:
+    """:func:`text_reading` of each text file; one line on stderr says when ``auto`` chose lines."""
+    readings = {path: text_reading(path, document, nsp) for path in paths}
+    by_line = [path for path, reading in readings.items() if reading == "line"]
+    if document == "auto" and by_line:
+        print(f"pretune: note: {describe(by_line)}: no blank line in {AUTO_LINES}+ lines, read one document per line "
+              "(data.document=auto; set data.document=paragraph or file to read otherwise)", file=sys.stderr, flush=True)
+    return readings
+
+
+def _open_run(paths: list[str], fmt: str, reading: str | None, cache_dir: str | None, streaming: bool) -> Any:
+    """``datasets.load_dataset`` over files of one format (text: one ``reading``), with one-line errors."""
+    options = {"sample_by": SAMPLE_BY[reading]} if fmt == "text" else {}
     try:
         with _quiet_datasets():
             return datasets.load_dataset(
@@ -141,7 +172,8 @@ def _text_column(paths: list[str], fmt: str, column: str, features: datasets.Fea
 
 
 def _split_documents(texts: list[Any], paragraphs: bool) -> list[str]:
-    """Stripped non-empty documents; text files are further split at blank lines."""
+    """Stripped non-empty documents; text read by paragraphs is further split at blank lines
+    (datasets splits at ``\\n\\n`` only, not at lines holding spaces)."""
     out = []
     for text in texts:
         if not isinstance(text, str):
@@ -155,19 +187,19 @@ def _clean_batch(batch: dict[str, list], column: str, paragraphs: bool) -> dict[
     return {"text": _split_documents(batch[column], paragraphs)}
 
 
-def _read_run(paths: list[str], fmt: str, cfg: DataConfig) -> datasets.Dataset:
-    raw = _open_run(paths, fmt, cfg.cache_dir, streaming=False)
+def _read_run(paths: list[str], fmt: str, reading: str | None, cfg: DataConfig) -> datasets.Dataset:
+    raw = _open_run(paths, fmt, reading, cfg.cache_dir, streaming=False)
     column = _text_column(paths, fmt, cfg.column, raw.features)
     return raw.map(
         _clean_batch, batched=True, remove_columns=raw.column_names, features=TEXT_FEATURES,
-        fn_kwargs={"column": column, "paragraphs": fmt == "text"}, desc="Reading documents",
+        fn_kwargs={"column": column, "paragraphs": reading == "paragraph"}, desc="Reading documents",
     )
 
 
-def _stream_documents(runs: list[tuple[str, list[str]]], cfg: DataConfig) -> datasets.Dataset:
+def _stream_documents(runs: list[tuple[tuple[str, str | None], list[str]]], cfg: DataConfig) -> datasets.Dataset:
     """Read the files as a stream and write the documents to Arrow as they come (constant memory)."""
     spec = json.dumps({
-        "runs": [(fmt, paths, signature(paths)) for fmt, paths in runs], "column": cfg.column,
+        "runs": [(fmt, reading, paths, signature(paths)) for (fmt, reading), paths in runs], "column": cfg.column,
         "limit": cfg.max_documents,
     })
     paths = [path for _, run in runs for path in run]
@@ -179,22 +211,22 @@ def _stream_documents(runs: list[tuple[str, list[str]]], cfg: DataConfig) -> dat
     except ValueError as exc:
         if "corresponds to no data" in str(exc):  # datasets' way of saying the generator yielded nothing
             raise DataError(f"{describe(paths)}: no non-empty document") from None
-        raise _read_error(paths, runs[0][0], exc) from None
+        raise _read_error(paths, runs[0][0][0], exc) from None
     except Exception as exc:
-        raise _read_error(paths, runs[0][0], exc) from None
+        raise _read_error(paths, runs[0][0][0], exc) from None
 
 
 def _generate_documents(spec: str):
     """Generator behind :func:`_stream_documents`; ``spec`` (JSON) also keys the Arrow cache."""
     spec = json.loads(spec)
     count = 0
-    for fmt, paths, _stats in spec["runs"]:  # the stats (sizes, times) only key the cache
-        stream = _open_run(paths, fmt, None, streaming=True)
+    for fmt, reading, paths, _stats in spec["runs"]:  # the stats (sizes, times) only key the cache
+        stream = _open_run(paths, fmt, reading, None, streaming=True)
         column = _text_column(paths, fmt, spec["column"], stream.features)
         for rows in stream.iter(batch_size=1000):
             if column not in rows:
                 raise DataError(f"{describe(paths)}: no column {column!r}; columns are {', '.join(map(repr, rows))}")
-            for text in _split_documents(rows[column], paragraphs=fmt == "text"):
+            for text in _split_documents(rows[column], paragraphs=reading == "paragraph"):
                 yield {"text": text}
                 count += 1
                 if spec["limit"] is not None and count >= spec["limit"]:
@@ -292,12 +324,17 @@ def build_text_data(cfg: DataConfig, *, family: str, nsp: bool, seed: int) -> Te
     fraction of the documents (at least one when the fraction is positive), else None.
     ``nsp`` gives BERT sentence pairs (:func:`sentence_pair_blocks`) instead of packed blocks.
     """
-    documents = load_documents(cfg)
+    documents = load_documents(cfg, nsp)
     if cfg.validation_files:
         train = documents
-        validation = load_documents(cfg.model_copy(update={"files": cfg.validation_files}))
+        validation = load_documents(cfg.model_copy(update={"files": cfg.validation_files}), nsp)
     else:
         train, validation = split_documents(documents, cfg.validation, seed)
+        if validation is None and cfg.validation > 0:
+            more = "a blank line between documents" if nsp else "data.document=line reads a text file one document per line"
+            print(f"pretune: warning: no validation set: the corpus is one document, which data.validation={cfg.validation} "
+                  f"cannot split, so this run reports no validation loss; give more documents ({more}) or data.validation_files",
+                  file=sys.stderr, flush=True)
     tokenizer = get_tokenizer(cfg.tokenizer, train, family)
 
     def blocks(docs: datasets.Dataset) -> datasets.Dataset:

@@ -24,7 +24,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import torch
 
-from pretune.data.labelled import _key, _read_text
+from pretune.data.labelled import label_key, read_text_file
 from pretune.errors import DataError
 
 SUFFIXES = (".csv", ".tsv", ".parquet", ".npy", ".npz")
@@ -64,7 +64,7 @@ def _read_csv(path: str, delimiter: str, label: str | None) -> tuple[np.ndarray,
     if table.num_rows == 0:
         raise DataError(f"{path} has no rows")
     x = np.column_stack([table.column(i).to_numpy(zero_copy_only=False) for i in features])  # missing: NaN
-    keys = None if label_index is None else [_key(value) for value in table.column(label_index).to_pylist()]
+    keys = None if label_index is None else [label_key(value) for value in table.column(label_index).to_pylist()]
     if not (np.abs(x) <= FLOAT32_MAX).all() or (keys is not None and None in keys):  # NaN compares False
         raise _csv_problem(path, delimiter, label_index) or DataError(f"{path}: a missing or non-finite cell")
     return x, keys
@@ -75,13 +75,13 @@ def _header(path: str, delimiter: str) -> list[str]:
         with open(path, encoding="utf-8-sig", newline="") as f:
             return next(csv.reader(f, delimiter=delimiter), [])
     except (UnicodeDecodeError, csv.Error):
-        _read_text(path)  # names the line of a non-UTF-8 byte
+        read_text_file(path)  # names the line of a non-UTF-8 byte
         raise DataError(f"{path}: cannot read the header line") from None
 
 
 def _csv_problem(path: str, delimiter: str, label_index: int | None) -> DataError | None:
     """The first ragged row, empty label or cell that is not a finite number, by line and column."""
-    reader = csv.reader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter)
+    reader = csv.reader(io.StringIO(read_text_file(path), newline=""), delimiter=delimiter)
     try:
         header = next(reader)
         for row in reader:
@@ -89,7 +89,7 @@ def _csv_problem(path: str, delimiter: str, label_index: int | None) -> DataErro
             if row and len(row) != len(header):
                 return DataError(f"line {line} of {path} has {len(row)} fields but the header has {len(header)}")
             for index, cell in enumerate(row):
-                if index == label_index and _key(cell) is None:
+                if index == label_index and label_key(cell) is None:
                     return DataError(f"missing label in line {line} of {path} column {header[index]!r}")
                 if index != label_index and not _finite(cell):
                     return DataError(f"line {line} of {path} column {header[index]!r}: {cell!r} is not a finite "
@@ -173,7 +173,7 @@ def _check_finite(x: np.ndarray, path: str, columns: list[str] | None = None) ->
 
 
 def _label_keys(values: list, where: str) -> list[str]:
-    keys = [_key(value) for value in values]
+    keys = [label_key(value) for value in values]
     if None in keys:
         raise DataError(f"missing label in row {keys.index(None) + 1} of {where}")
     return keys

@@ -1,1 +1,2 @@
-"""Evaluation of fine-tuned models: metrics as pure functions on arrays and lists (see ``metrics``)."""
+"""Evaluation maths that tasks import: metrics as pure functions on arrays and lists (``metrics``) and
+weighted k-NN accuracy of features (``knn``).  Leaf modules: they import no other pretune module."""

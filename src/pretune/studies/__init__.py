@@ -1,1 +1,2 @@
-"""Studies over many runs: label efficiency (pretrained vs scratch) and hyperparameter search."""
+"""The top floor: studies over many runs (label efficiency, pretrained vs scratch; hyperparameter
+search) and the reports that draw runs and studies from their files."""

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import re
+import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,8 +33,10 @@ from typing import Any
 
 from pydantic import field_validator
 
+from pretune.data.labelled import check_budget
 from pretune.errors import CheckpointError, RecipeError
 from pretune.recipe import Recipe, Section, apply_overrides, read_yaml, validate
+from pretune.studies.report import budget_label, read_metrics, study_report
 
 STUDY_FIELDS = ("budgets", "seeds", "strategies", "scratch")
 
@@ -50,12 +52,10 @@ class StudyConfig(Section):
     @field_validator("budgets")
     @classmethod
     def _budgets(cls, value: list) -> list:
-        from pretune.data.labelled import _check_budget
-
         if not value:
             raise ValueError("needs at least one budget")
         for budget in value:
-            _check_budget(budget)
+            check_budget(budget)
         if len({type(b) for b in value}) > 1:
             raise ValueError("mixes fractions (floats) and rows per class (integers); write 1.0, not 1, for all the labels")
         return sorted(set(value))
@@ -126,13 +126,11 @@ def compare(path: str | Path, overrides: list[str] = (), *, report: bool = True,
 
 def run_study(raw: dict[str, Any], study: StudyConfig, *, report: bool = True, overwrite: bool = False) -> StudyResult:
     """Run every cell of ``study`` over the fine-tuning recipe ``raw`` (a dict, as read from YAML)."""
-    from pretune.run import build_task
+    from pretune.run import build_task  # lazy: pretune.run imports torch and transformers
 
     recipe = validate(Recipe, raw)
     study_dir = Path(recipe.run_dir)
     if overwrite and study_dir.exists():
-        import shutil
-
         shutil.rmtree(study_dir)
     metric, mode = build_task(recipe).monitor
     cells = plan(study, recipe.seed)
@@ -154,8 +152,6 @@ def finish(study_dir: Path, study: StudyConfig, metric: str, mode: str, rows: li
          "summary": summary, "cells": rows}, indent=1))
     result = StudyResult(study_dir, metric, mode, rows, summary, headline, matches)
     if report:
-        from pretune.evaluate.report import study_report
-
         result.report = study_report(study_dir)
     print(f"headline: {headline}")
     return result
@@ -163,8 +159,8 @@ def finish(study_dir: Path, study: StudyConfig, metric: str, mode: str, rows: li
 
 def run_cell(raw: dict[str, Any], cell: Cell, cells_dir: Path, metric: str) -> dict[str, Any]:
     """Fine-tune one cell (or reuse it when it is finished); its row of results.csv."""
-    from pretune.run import train
-    from pretune.trainer.checkpoint import latest_checkpoint
+    from pretune.run import train  # lazy, as above: torch and transformers
+    from pretune.trainer.checkpoint import latest_checkpoint  # lazy: torch
 
     recipe = validate(Recipe, apply_overrides(raw, cell.overrides(cells_dir)))
     run_dir = Path(recipe.run_dir)
@@ -176,25 +172,33 @@ def run_cell(raw: dict[str, Any], cell: Cell, cells_dir: Path, metric: str) -> d
         return json.loads(done.read_text())
     resume = latest_checkpoint(run_dir) is not None
     started = time.perf_counter()
-    result = train(recipe, resume=resume, overwrite=not resume)
+    result = train(recipe, resume=resume, overwrite=not resume, quiet=True)
     wall = time.perf_counter() - started
     test_scores = _read_json(run_dir / "test_metrics.json")
     source = "test" if f"test_{metric}" in result.metrics else "validation"
     score = result.metrics.get(f"test_{metric}" if source == "test" else metric)
     if score is None:
         raise RecipeError(f"{run_dir}: no {metric} to score the cell on; a study needs data.test or a validation split")
-    history = _read_jsonl(run_dir / "metrics.jsonl")
     labels = _read_json(run_dir / "tokenizer" / "pretune.json").get("label_names")
     row = {**asdict(cell), "cell": cell.name, "metric": metric, "score": float(score), "scored_on": source,
            "wall_s": round(wall, 3),  # of this attempt: a resumed cell counts the time after the resume only
-           "flops": sum(r.get("flops", 0.0) for r in history if r.get("split") == "train"),
-           "steps": max([r["step"] for r in history if r.get("split") == "train"], default=0),
-           "run_dir": str(run_dir),
+           **logged_compute(read_metrics(run_dir)), "run_dir": str(run_dir),
            "confusion_matrix": (test_scores if source == "test" else result.metrics).get("confusion_matrix"),
            "labels": labels}
     done.with_suffix(".tmp").write_text(json.dumps(row))
     done.with_suffix(".tmp").replace(done)  # a cell is finished exactly when cell.json exists, complete
     return row
+
+
+def logged_compute(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """``flops``, ``encode_flops`` and ``steps`` of a run from its ``metrics.jsonl`` rows.
+
+    FLOPs are the model FLOPs the trainer logs on its train lines, plus those of ``encode`` lines:
+    a linear probe's one-off encoding of the data by the frozen backbone, when the trainer logs it."""
+    train = [r for r in history if r.get("split") == "train"]
+    encode = sum(r.get("flops", 0.0) for r in history if r.get("split") == "encode")
+    return {"flops": sum(r.get("flops", 0.0) for r in train) + encode, "encode_flops": encode,
+            "steps": max([r["step"] for r in train], default=0)}
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -234,14 +238,6 @@ def find_headline(summary: list[dict[str, Any]], mode: str, budgets: list) -> tu
     return headline, matches
 
 
-def budget_label(budget: float | int) -> str:
-    """0.1 -> '10%', 0.005 -> '0.5%', 5 -> '5 per class'."""
-    if isinstance(budget, int):
-        return f"{budget} per class"
-    percent = budget * 100
-    return f"{percent:.0f}%" if math.isclose(percent, round(percent)) else f"{percent:.3g}%"
-
-
 COLUMNS = ["arm", "strategy", "pretrained", "budget", "seed", "metric", "score", "scored_on", "wall_s", "flops", "steps", "run_dir"]
 
 
@@ -255,9 +251,3 @@ def write_results(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

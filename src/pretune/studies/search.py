@@ -112,7 +112,7 @@ def sample(trial: Any, space: SpaceConfig) -> dict[str, Any]:
 
 def pruning_callback(trial: Any, metric: str, prune: bool) -> Any:
     """``on_eval`` for :func:`pretune.run.train`: report each evaluation's metric (not the step-0 one) and prune."""
-    import optuna
+    import optuna  # lazy: an optional extra (pretune[search])
 
     evaluations = [0]
 
@@ -133,7 +133,7 @@ def search(path: str | Path, overrides: list[str] = (), *, overwrite: bool = Fal
         import optuna
     except ImportError:
         raise PretuneError("pretune search needs Optuna: pip install 'pretune[search]'") from None
-    from pretune.run import build_task, train
+    from pretune.run import build_task, train  # lazy: pretune.run imports torch and transformers
 
     config, raw, recipe = load_search(path, overrides)
     metric, mode = build_task(recipe).monitor
@@ -183,8 +183,6 @@ def search(path: str | Path, overrides: list[str] = (), *, overwrite: bool = Fal
 
 def write_results(study: Any, raw: dict[str, Any], search_dir: Path, metric: str, mode: str) -> SearchResult:
     """``results.csv`` (one row per trial, best first) and ``best-recipe.yaml``."""
-    import optuna
-
     trials = study.get_trials(deepcopy=False)
     keys = sorted({k for t in trials for k in t.user_attrs.get("overrides", {})})
     rows = []
@@ -201,7 +199,7 @@ def write_results(study: Any, raw: dict[str, Any], search_dir: Path, metric: str
         writer.writerows(rows)
     best_recipe, best_value, best_params = None, None, {}
     if done:
-        best = study.best_trial if any(t.state == optuna.trial.TrialState.COMPLETE for t in trials) else None
+        best = study.best_trial  # `done` holds the complete trials: there is a best one
         best_params = best.user_attrs.get("overrides", {})
         best_value = best.value
         recipe = validate(Recipe, apply_overrides(raw, [f"{k}={v}" for k, v in best_params.items()] + [f"run_dir={search_dir / 'best'}"]))

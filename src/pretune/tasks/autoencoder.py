@@ -23,10 +23,12 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from pretune.backbones.arrays import ArrayFamily
 from pretune.data.arrays import channel_stats
+from pretune.data.readers import RunData
 from pretune.recipe import Section
 from pretune.registry import TASKS
-from pretune.tasks.vision import ArrayRunData, ArrayTask, MonitorConfig
+from pretune.tasks.vision import ArrayTask, MonitorConfig
 
 
 class AutoencoderConfig(Section):
@@ -100,20 +102,16 @@ class Autoencoder(ArrayTask):
     Config = AutoencoderConfig
     losses = ("reconstruction",)
 
-    def build(self, backbone_cfg, data) -> AutoencoderModel:
-        return AutoencoderModel(self.backbone(backbone_cfg, data), self.cfg)
+    def build(self, backbone: ArrayFamily, data: RunData) -> AutoencoderModel:
+        self.feature_std = channel_stats(data.train.x)[1].reshape(1, -1)  # vector noise is scaled per feature
+        return AutoencoderModel(backbone.build(data), self.cfg)
 
     def collate(self, rows: dict[str, torch.Tensor], seeds: list[int]) -> dict[str, torch.Tensor]:
         x = rows["x"]
         noisy = corrupt(x, seeds, self.cfg, clip=x.dim() == 4)
         if x.dim() == 2 and self.cfg.noise == "gaussian":  # vector noise is in standardised units: scale by each feature's std
-            noisy = x + (noisy - x) * self._std
+            noisy = x + (noisy - x) * self.feature_std
         return {"x": noisy, "target": x}
-
-    def data(self, tokenizer_path: str | None = None) -> ArrayRunData:
-        run_data = super().data(tokenizer_path)
-        self._std = channel_stats(run_data.train.x)[1].reshape(1, -1)
-        return run_data
 
     def units(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"reconstruction": torch.tensor(float(batch["target"].numel()))}

@@ -18,13 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from pretune.backbones.transformers import TransformerConfig, build_model
-from pretune.data.text import TextData
+from pretune.backbones.transformers import HF
+from pretune.data.readers import RunData
 from pretune.errors import RecipeError
-from pretune.recipe import DataConfig, Section
-from pretune.trainer.flops import transformer_training_flops
+from pretune.recipe import Section
 from pretune.registry import TASKS
-from pretune.tasks.common import save_hf, special_ids, stack_rows, text_data
+from pretune.tasks.base import Task
+from pretune.tasks.common import save_hf, stack_rows
+from pretune.trainer.flops import transformer_training_flops
 
 
 class CLMConfig(Section):
@@ -51,29 +52,16 @@ class CausalLM(nn.Module):
 
 
 @TASKS.register("clm")
-class CausalLMTask:
+class CausalLMTask(Task):
     Config = CLMConfig
-    DataConfig = DataConfig
     family = "decoder"
     losses = ("clm",)
     perplexity = ("clm",)
 
-    def __init__(self, cfg: CLMConfig, data_cfg: DataConfig, seed: int = 0):
-        self.cfg = cfg
-        self.data_cfg = data_cfg
-        self.seed = seed
-
-    def data(self, tokenizer_path: str | None = None) -> TextData:
-        return text_data(self.data_cfg, family="decoder", nsp=False, seed=self.seed, tokenizer_path=tokenizer_path)
-
-    def build(self, backbone: TransformerConfig, data: TextData) -> CausalLM:
-        if not backbone.path and backbone.name == "bert":
+    def build(self, backbone: HF, data: RunData) -> CausalLM:
+        if not backbone.path and backbone.cfg.name == "bert":
             raise RecipeError("recipe key 'backbone.name': causal LM needs a decoder (gpt2 or llama), not bert")
-        model = build_model(
-            backbone, AutoModelForCausalLM, vocab_size=len(data.tokenizer), special=special_ids(data.tokenizer),
-            max_positions=len(data.train[0]["input_ids"]),
-        )
-        return CausalLM(model)
+        return CausalLM(backbone.model(AutoModelForCausalLM, data))
 
     def collate(self, rows: dict[str, list], seeds: list[int]) -> dict[str, torch.Tensor]:
         return stack_rows(rows)
@@ -91,5 +79,5 @@ class CausalLMTask:
         predicted = ids.shape[0] * (ids.shape[1] - 1)
         return transformer_training_flops(module.model.config, predicted, ids.shape[1] - 1, predicted)
 
-    def save(self, module: CausalLM, path: Path, data: TextData) -> None:
+    def save(self, module: CausalLM, path: Path, data: RunData) -> None:
         save_hf(module.model, data.tokenizer, path, {"task": "clm", "family": self.family})

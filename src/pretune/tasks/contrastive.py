@@ -24,6 +24,8 @@ from pydantic import Field
 from torch import nn
 
 from pretune.data.augment import AugmentConfig, augment_images, augment_vectors
+from pretune.backbones.arrays import ArrayFamily
+from pretune.data.readers import RunData
 from pretune.recipe import Section
 from pretune.registry import TASKS
 from pretune.tasks.vision import ArrayTask, MonitorConfig
@@ -105,8 +107,8 @@ class SimCLR(ArrayTask):
     Config = ContrastiveConfig
     losses = ("contrastive",)
 
-    def build(self, backbone_cfg, data) -> SimCLRModel:
-        return SimCLRModel(self.backbone(backbone_cfg, data), self.cfg)
+    def build(self, backbone: ArrayFamily, data: RunData) -> SimCLRModel:
+        return SimCLRModel(backbone.build(data), self.cfg)
 
     def collate(self, rows: dict[str, torch.Tensor], seeds: list[int]) -> dict[str, torch.Tensor]:
         """Two views per example, each drawn from the example's own seed."""

@@ -25,11 +25,13 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from pretune.backbones.arrays import ArrayFamily
+from pretune.data.readers import RunData
 from pretune.errors import RecipeError
 from pretune.recipe import Section
 from pretune.registry import TASKS
 from pretune.tasks.autoencoder import ConvDecoder
-from pretune.tasks.vision import ArrayRunData, ArrayTask, MonitorConfig
+from pretune.tasks.vision import ArrayTask, MonitorConfig
 
 
 class GANConfig(Section):
@@ -76,8 +78,11 @@ class GAN(ArrayTask):
     losses = ("d_real", "d_fake", "g")
     phases = {"discriminator": ("d_real", "d_fake"), "generator": ("g",)}
 
-    def build(self, backbone_cfg, data) -> GANModel:
-        return GANModel(self.backbone(backbone_cfg, data), self.cfg)
+    def build(self, backbone: ArrayFamily, data: RunData) -> GANModel:
+        return GANModel(backbone.build(data), self.cfg)
+
+    def phase_parameters(self, module: GANModel, phase: str) -> list[tuple[str, nn.Parameter]]:
+        return module.phase_parameters(phase)
 
     def collate(self, rows: dict[str, torch.Tensor], seeds: list[int]) -> dict[str, torch.Tensor]:
         z = torch.stack([torch.randn(self.cfg.latent_dim, generator=torch.Generator().manual_seed(s)) for s in seeds])
@@ -98,12 +103,12 @@ class GAN(ArrayTask):
         module.train(was_training)
         save_image(images, path, nrow=int(math.ceil(math.sqrt(self.cfg.samples))), padding=1)
 
-    def probe(self, module: GANModel, data: ArrayRunData, *, device, precision, step, out_dir) -> dict[str, float]:
+    def probe(self, module: GANModel, data: RunData, *, device, precision, step, out_dir) -> dict[str, float]:
         if out_dir is not None:
             (out_dir / "samples").mkdir(exist_ok=True)
             self.sample_grid(module, out_dir / "samples" / f"step-{step:08d}.png")
         return super().probe(module, data, device=device, precision=precision, step=step, out_dir=out_dir)
 
-    def save(self, module: GANModel, path: Path, data: ArrayRunData) -> None:
+    def save(self, module: GANModel, path: Path, data: RunData) -> None:
         super().save(module, path, data)
         self.sample_grid(module, path / "samples.png")

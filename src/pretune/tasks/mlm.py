@@ -28,13 +28,14 @@ from pydantic import Field, model_validator
 from torch import nn
 from transformers import AutoModelForMaskedLM, BertForPreTraining
 
-from pretune.backbones.transformers import TransformerConfig, build_model
-from pretune.data.text import TextData
+from pretune.backbones.transformers import HF
+from pretune.data.readers import RunData
 from pretune.errors import CheckpointError, RecipeError
-from pretune.recipe import DataConfig, Section
-from pretune.trainer.flops import transformer_training_flops
+from pretune.recipe import Section
 from pretune.registry import TASKS
-from pretune.tasks.common import save_hf, special_ids, stack_rows, text_data
+from pretune.tasks.base import Task
+from pretune.tasks.common import save_hf, stack_rows
+from pretune.trainer.flops import transformer_training_flops
 
 IGNORE = -100
 
@@ -131,22 +132,15 @@ class MaskedLM(nn.Module):
 
 
 @TASKS.register("mlm")
-class MaskedLMTask:
+class MaskedLMTask(Task):
     Config = MLMConfig
-    DataConfig = DataConfig
     family = "encoder"
+    perplexity = ("mlm",)
 
-    def __init__(self, cfg: MLMConfig, data_cfg: DataConfig, seed: int = 0):
-        self.cfg = cfg
-        self.data_cfg = data_cfg
-        self.seed = seed
+    def __init__(self, cfg: MLMConfig, seed: int = 0):
+        super().__init__(cfg, seed)
         self.losses = ("mlm", "nsp") if cfg.nsp else ("mlm",)
-        self.perplexity = ("mlm",)
-
-    def data(self, tokenizer_path: str | None = None) -> TextData:
-        data = text_data(self.data_cfg, family="encoder", nsp=self.cfg.nsp, seed=self.seed, tokenizer_path=tokenizer_path)
-        self._prepare(data.tokenizer)
-        return data
+        self.pairs = cfg.nsp  # the reader builds [CLS] A [SEP] B [SEP] sentence pairs
 
     def _prepare(self, tokenizer: Any) -> None:
         if tokenizer.mask_token_id is None:
@@ -160,15 +154,11 @@ class MaskedLMTask:
             pieces = tokenizer.convert_ids_to_tokens(list(range(self.vocab_size)))
             self.continuation = torch.tensor([p.startswith("##") for p in pieces])
 
-    def build(self, backbone: TransformerConfig, data: TextData) -> MaskedLM:
-        if self.cfg.nsp and not backbone.path and backbone.name != "bert":
+    def build(self, backbone: HF, data: RunData) -> MaskedLM:
+        if self.cfg.nsp and not backbone.path and backbone.cfg.name != "bert":
             raise RecipeError("recipe key 'task.nsp': next-sentence prediction needs a BERT backbone")
-        auto_class = BertForPreTraining if self.cfg.nsp else AutoModelForMaskedLM
-        model = build_model(
-            backbone, auto_class, vocab_size=len(data.tokenizer), special=special_ids(data.tokenizer),
-            max_positions=len(data.train[0]["input_ids"]),
-        )
-        return MaskedLM(model, nsp=self.cfg.nsp)
+        self._prepare(data.tokenizer)
+        return MaskedLM(backbone.model(BertForPreTraining if self.cfg.nsp else AutoModelForMaskedLM, data), nsp=self.cfg.nsp)
 
     def collate(self, rows: dict[str, list], seeds: list[int]) -> dict[str, torch.Tensor]:
         batch = stack_rows(rows)
@@ -199,5 +189,5 @@ class MaskedLMTask:
         ids = batch["input_ids"]
         return transformer_training_flops(module.model.config, ids.numel(), ids.shape[1], int((batch["labels"] != IGNORE).sum()))
 
-    def save(self, module: MaskedLM, path: Path, data: TextData) -> None:
+    def save(self, module: MaskedLM, path: Path, data: RunData) -> None:
         save_hf(module.model, data.tokenizer, path, {"task": "mlm", "family": self.family, "nsp": self.cfg.nsp})

@@ -26,12 +26,13 @@ from pydantic import Field
 from torch import nn
 from transformers import AutoModel
 
-from pretune.backbones.transformers import TransformerConfig, build_model
-from pretune.data.text import TextData
+from pretune.backbones.transformers import HF
+from pretune.data.readers import RunData
 from pretune.errors import RecipeError
-from pretune.recipe import DataConfig, Section
+from pretune.recipe import Section
 from pretune.registry import TASKS
-from pretune.tasks.common import save_hf, special_ids, stack_rows, text_data
+from pretune.tasks.base import Task
+from pretune.tasks.common import save_hf, stack_rows
 from pretune.tasks.contrastive import info_nce
 from pretune.trainer.flops import transformer_training_flops
 
@@ -69,24 +70,13 @@ class SimCSEModel(nn.Module):
 
 
 @TASKS.register("simcse")
-class SimCSE:
+class SimCSE(Task):
     Config = SimCSEConfig
-    DataConfig = DataConfig
     family = "encoder"
     losses = ("contrastive",)
-    perplexity: tuple[str, ...] = ()
 
-    def __init__(self, cfg: SimCSEConfig, data_cfg: DataConfig, seed: int = 0):
-        self.cfg, self.data_cfg, self.seed = cfg, data_cfg, seed
-
-    def data(self, tokenizer_path: str | None = None) -> TextData:
-        return text_data(self.data_cfg, family="encoder", nsp=False, seed=self.seed, tokenizer_path=tokenizer_path)
-
-    def build(self, backbone: TransformerConfig, data: TextData) -> SimCSEModel:
-        if not isinstance(backbone, TransformerConfig):
-            raise RecipeError("recipe key 'backbone.name': simcse pretrains text encoders (bert or a local Hugging Face folder)")
-        model = build_model(backbone, AutoModel, vocab_size=len(data.tokenizer), special=special_ids(data.tokenizer),
-                            max_positions=len(data.train[0]["input_ids"]))
+    def build(self, backbone: HF, data: RunData) -> SimCSEModel:
+        model = backbone.model(AutoModel, data)
         if getattr(model.config, "hidden_dropout_prob", 0.1) == 0:
             raise RecipeError("recipe key 'backbone.config.hidden_dropout_prob': SimCSE uses dropout as its augmentation; it must be > 0")
         return SimCSEModel(model, self.cfg)
@@ -105,5 +95,5 @@ class SimCSE:
         ids = batch["input_ids"]
         return transformer_training_flops(module.model.config, 2 * ids.numel(), ids.shape[1], 0)
 
-    def save(self, module: SimCSEModel, path: Path, data: TextData) -> None:
+    def save(self, module: SimCSEModel, path: Path, data: RunData) -> None:
         save_hf(module.model, data.tokenizer, path, {"task": "simcse", "family": self.family, "pooling": self.cfg.pooling})

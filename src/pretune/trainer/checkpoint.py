@@ -12,17 +12,15 @@
 Every checkpoint is written into a temporary folder, flushed to disk and renamed into place,
 so a folder named ``step-*`` is always complete; a kill during a save leaves the previous
 checkpoint as the latest (a leftover ``.tmp-*`` folder is never a checkpoint).  Trainer state is
-read with ``torch.load(weights_only=True)``, always passed explicitly (so ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``
-cannot turn it off); weights come only from safetensors files.  Weights from outside that are
-pickles (``pytorch_model.bin``, a timm ``.pth``) are refused unless the user trusts them
-(``--trust-pickle`` or ``PRETUNE_TRUST_PICKLE=1``; see docs/reliability.md).  A failed save (disk
-full, a kill) never removes the previous checkpoint.
+read with :func:`pretune.safeload.load_torch_state` (``torch.load(weights_only=True)``, passed
+explicitly, so ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` cannot turn it off); weights come only from
+safetensors files.  Weights from *outside* a run (pickles refused unless trusted) are checked by
+:mod:`pretune.safeload`.  A failed save (disk full, a kill) never removes the previous checkpoint.
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
 import shutil
@@ -33,7 +31,8 @@ from typing import Any, Callable
 import safetensors.torch
 import torch
 
-from pretune.errors import CheckpointError, ResourceError, UnsafeFileError
+from pretune.errors import CheckpointError, ResourceError
+from pretune.safeload import load_torch_state
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 _CRASH_AT = os.environ.get("PRETUNE_CRASH_AT")  # fault injection for the reliability tests (see crash_point)
@@ -183,54 +182,6 @@ def load_state(checkpoint: Path) -> dict[str, Any]:
     """The trainer state of a checkpoint, through the restricted unpickler (tensors, numbers, containers only)."""
     path = checkpoint / "state.pt"
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)  # explicit: beats TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD
+        return load_torch_state(path)  # weights_only=True, explicit: beats TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD
     except Exception as exc:  # any failure to unpickle safely is the same problem for the user
         raise CheckpointError(f"{path}: cannot be loaded as trainer state ({type(exc).__name__}: {exc})") from None
-
-
-# -- weights from outside: safetensors only, unless the user trusts a pickle -----------------------------
-TRUST_PICKLE_ENV = "PRETUNE_TRUST_PICKLE"
-
-
-def pickle_trusted() -> bool:
-    """Whether the user allowed pickle weights files (``--trust-pickle`` sets ``PRETUNE_TRUST_PICKLE=1``)."""
-    return os.environ.get(TRUST_PICKLE_ENV, "").strip().lower() in ("1", "true", "yes")
-
-
-def _refuse(path: Path, what: str) -> UnsafeFileError:
-    return UnsafeFileError(
-        f"{path}: {what} is a pickle file, which can run code when loaded; convert it to safetensors, "
-        f"or pass --trust-pickle (or set {TRUST_PICKLE_ENV}=1) if you trust where it came from")
-
-
-def check_weights_file(path: str | Path, what: str = "the weights file") -> None:
-    """Refuse a weights file that is not safetensors (``.pth``, ``.pt``, ``.bin``...) unless pickles are trusted."""
-    path = Path(path)
-    if path.name.endswith(".safetensors") or pickle_trusted():
-        return
-    raise _refuse(path, what)
-
-
-def check_model_folder(path: str | Path) -> None:
-    """Refuse a Hugging Face folder whose weights would be read from a pickle, unless pickles are trusted.
-
-    Hugging Face reads ``model.safetensors`` (or a sharded index) first; a folder with only
-    ``pytorch_model.bin``, a ``config.json`` whose ``transformers_weights`` names a non-safetensors
-    file, or PEFT adapters only in ``adapter_model.bin`` would be unpickled.
-    """
-    path = Path(path)
-    if pickle_trusted() or not path.is_dir():
-        return
-    names = {p.name for p in path.iterdir()}
-    has_safe = any(n.endswith((".safetensors", ".safetensors.index.json")) and not n.startswith("adapter_model") for n in names)
-    pickles = sorted(n for n in names if n.startswith("pytorch_model") and n.endswith((".bin", ".bin.index.json")))
-    if pickles and not has_safe:
-        raise _refuse(path / pickles[0], "the model's only weights file")
-    if "adapter_config.json" in names and "adapter_model.bin" in names and "adapter_model.safetensors" not in names:
-        raise _refuse(path / "adapter_model.bin", "the adapter weights file")
-    try:
-        explicit = json.loads((path / "config.json").read_text()).get("transformers_weights")
-    except (OSError, ValueError, AttributeError):
-        explicit = None
-    if isinstance(explicit, str) and not explicit.endswith((".safetensors", ".safetensors.index.json")):
-        raise _refuse(path / explicit, "the weights file named by config.json (transformers_weights)")

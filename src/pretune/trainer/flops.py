@@ -30,9 +30,9 @@ def measure_peak(dtype: torch.dtype, device: torch.device, size: int = 2048, sec
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
     best = 0.0
-    end = time.perf_counter() + seconds
     a @ b  # warm-up
-    while time.perf_counter() < end:
+    end = time.perf_counter() + seconds
+    while best == 0.0 or time.perf_counter() < end:  # at least one timed matmul, however slow the machine
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -41,3 +41,19 @@ def measure_peak(dtype: torch.dtype, device: torch.device, size: int = 2048, sec
             torch.cuda.synchronize()
         best = max(best, 2 * size**3 / (time.perf_counter() - start))
     return best
+
+
+def forward_flops(module: torch.nn.Module, batch: dict[str, torch.Tensor], phases: dict | None = None) -> float:
+    """FLOPs of one forward pass of ``module`` on ``batch`` (every phase of a multi-phase task), counted by PyTorch."""
+    from torch.utils.flop_counter import FlopCounterMode  # only image / vector tasks count FLOPs this way
+
+    device = next(module.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    was_training = module.training
+    module.eval()  # no batch-norm statistics update from this extra pass
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        for phase in phases or [None]:
+            module(batch, phase) if phase else module(batch)
+    module.train(was_training)
+    return float(counter.get_total_flops())

@@ -40,6 +40,15 @@ class RunLogger:
         if split != "train":
             self.print(f"step {step} {split}: " + "  ".join(f"{k} {_fmt(v)}" for k, v in values.items()))
 
+    def note(self, step: int, split: str, message: str, **values: Any) -> None:
+        """One line for the reader (an epoch's change of what trains, a warning), also kept in metrics.jsonl."""
+        if not self.enabled:
+            return
+        row = {"step": step, "split": split, "time": round(time.perf_counter() - self.start, 3), "message": message, **values}
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        self.print(message)
+
     def progress(self, step: int, postfix: dict[str, Any]) -> None:
         if self.bar is not None:
             self.bar.n = step
@@ -61,6 +70,23 @@ class RunLogger:
             self.writer.close()
         if self.jsonl is not None:
             self.jsonl.close()
+
+
+def name_metrics(means: dict[str, float], task: Any) -> dict[str, float]:
+    """``{"mlm": 2.1, "mlm_correct": 0.4}`` -> ``{"loss": ..., "mlm_loss": 2.1, "mlm_accuracy": 0.4, ...}``."""
+    named: dict[str, float] = {}
+    if all(k in means for k in task.losses):
+        named["loss"] = sum(means[k] for k in task.losses)
+    for key, value in means.items():
+        if key.endswith("_correct"):
+            named[key[: -len("_correct")] + "_accuracy"] = value
+        elif key in task.losses:
+            named[f"{key}_loss"] = value
+            if key in task.perplexity:
+                named[f"{key}_perplexity"] = math.exp(min(value, 50.0))
+        else:
+            named[key] = value
+    return named
 
 
 def _fmt(value: Any) -> str:

@@ -5,8 +5,9 @@
     run_report("runs/mlm")         # one run: loss, learning rate, throughput, validation metrics
 
 Plots use matplotlib's object API (``Figure`` + Agg canvas): no global pyplot state, no display.
-Everything is read from files a run or a study already wrote (``metrics.jsonl``, ``study.json``),
-so ``pretune report DIR`` can (re)draw the report of any finished or interrupted run.
+Everything is read from files a run or a study already wrote (``metrics.jsonl``, ``study.json``,
+a cell's ``recipe.yaml``), so ``pretune report DIR`` can (re)draw the report of any finished or
+interrupted run.  matplotlib is imported only when a figure is drawn (it is slow to import).
 """
 
 from __future__ import annotations
@@ -15,8 +16,12 @@ import base64
 import html
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import yaml
 
 from pretune.errors import CheckpointError
 
@@ -89,12 +94,18 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _figure(width: float = 6.4, height: float = 4.0) -> tuple[Any, Any]:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+def _blank_figure(width: float, height: float) -> Any:
+    """A matplotlib ``Figure`` on the Agg canvas (no display, no pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: matplotlib takes ~0.5 s to import
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(width, height))
     FigureCanvasAgg(figure)
+    return figure
+
+
+def _figure(width: float = 6.4, height: float = 4.0) -> tuple[Any, Any]:
+    figure = _blank_figure(width, height)
     return figure, figure.add_subplot()
 
 
@@ -144,7 +155,7 @@ def run_report(run_dir: str | Path) -> Path:
     for split, color in (("train", COLORS[0]), ("validation", COLORS[1])):
         steps, values = series(rows, split, "loss")
         if steps:
-            axes.plot(steps, values, marker="o" if split == "validation" else None, color=color, label=split)
+            axes.plot(steps, values, marker="o" if split == "validation" or len(steps) == 1 else None, color=color, label=split)
     axes.set(xlabel="step", ylabel="loss", title="loss")
     axes.legend()
     report.plot("loss", figure, "training and validation loss")
@@ -152,7 +163,7 @@ def run_report(run_dir: str | Path) -> Path:
         steps, values = series(rows, "train", key)
         if steps:
             figure, axes = _figure(6.4, 3.0)
-            axes.plot(steps, values, color=COLORS[2])
+            axes.plot(steps, values, marker="o" if len(steps) == 1 else None, color=COLORS[2])  # one point: a marker, not an invisible line
             axes.set(xlabel="step", ylabel=label, title=label)
             report.plot(key, figure, label)
     keys = sorted({k for r in rows if r.get("split") == "validation" for k, v in r.items()
@@ -173,10 +184,20 @@ def run_report(run_dir: str | Path) -> Path:
 
 # -- a study ---------------------------------------------------------------------------------
 
+TIE_DIGITS = 4  # means equal to this many decimals (as the table shows them) are a tie
+DODGE = 0.03  # horizontal offset between the points of successive arms, as a fraction of the x range
+
+
+def budget_label(budget: float | int) -> str:
+    """0.1 -> '10%', 0.005 -> '0.5%', 5 -> '5 per class'."""
+    if isinstance(budget, int):
+        return f"{budget} per class"
+    percent = budget * 100
+    return f"{percent:.0f}%" if math.isclose(percent, round(percent)) else f"{percent:.3g}%"
+
+
 def study_report(study_dir: str | Path) -> Path:
     """``STUDY/report.html`` (+ ``report.md``) from ``STUDY/study.json`` (written by ``pretune compare``)."""
-    from pretune.studies.compare import budget_label
-
     study_dir = Path(study_dir)
     try:
         study = json.loads((study_dir / "study.json").read_text())
@@ -195,30 +216,25 @@ def study_report(study_dir: str | Path) -> Path:
     by = {(s["arm"], s["budget"]): s for s in summary}
 
     report.heading("label efficiency")
-    figure, axes = _figure()
-    for number, arm in enumerate(arms):
-        points = [by[(arm, b)] for b in budgets if (arm, b) in by]
-        axes.errorbar([p["budget"] for p in points], [p["mean"] for p in points], yerr=[p["std"] for p in points],
-                      marker="o", capsize=4, color=COLORS[number % len(COLORS)], label=arm)
-    if ("scratch", budgets[-1]) in by:
-        axes.axhline(by[("scratch", budgets[-1])]["mean"], color="gray", linestyle=":", label=f"scratch at {budget_label(budgets[-1])}")
-    if len(budgets) > 1 and budgets[-1] / budgets[0] >= 10:
-        axes.set_xscale("log")
-    axes.set_xticks(budgets, [budget_label(b) for b in budgets])
-    axes.minorticks_off()
-    axes.set(xlabel="labels kept per class" + (" (fraction)" if isinstance(budgets[0], float) else ""), ylabel=metric,
-             title=f"{metric} vs label budget")
-    axes.legend()
-    report.plot("label-efficiency", figure, f"{metric} vs label budget, one line per arm (error bars: std over seeds)")
+    report.plot("label-efficiency", _efficiency(by, arms, budgets, metric),
+                f"{metric} vs label budget, one line per arm (error bars: std over seeds)")
+    ties = tied_arms(summary)
+    if ties:
+        report.text("Tied (equal means to 4 decimals; their points are drawn side by side): "
+                    + "; ".join(f"{', '.join(tied)} at {budget_label(budget)} ({mean:.4f})" for budget, mean, tied in ties) + ".")
     report.table(["arm", *[budget_label(b) for b in budgets]],
                  [[arm, *[(f"{by[(arm, b)]['mean']:.4f} ± {by[(arm, b)]['std']:.4f}" if (arm, b) in by else "") for b in budgets]]
                   for arm in arms])
 
     report.heading("training curves")
-    figure = _curves(cells, arms, budgets)
+    figure, sparse = _curves(cells, arms, budgets)
     if figure is not None:
         report.plot("loss-curves", figure, "training (left) and validation (right) loss of the first seed, "
                     "smallest budget dashed, largest solid")
+    if sparse:
+        report.text("Train loss logged at fewer than two steps (drawn as single points): " + "; ".join(sparse)
+                    + ". A train line is logged every trainer.log_every steps and at the last step; "
+                    "lower trainer.log_every to see these curves.")
 
     higher = study["mode"] == "max"
     best = max(cells, key=lambda c: c["score"] if higher else -c["score"]) if cells else None
@@ -232,21 +248,57 @@ def study_report(study_dir: str | Path) -> Path:
     report.heading("all runs")
     report.table(["arm", "budget", "seed", metric, "scored on", "steps", "wall time (s)", "GFLOPs", "run dir"],
                  [[c["arm"], budget_label(c["budget"]), c["seed"], c["score"], c["scored_on"], c["steps"],
-                   round(c["wall_s"], 1), round(c["flops"] / 1e9, 2), c["run_dir"]] for c in cells])
+                   round(c["wall_s"], 1), c["flops"] / 1e9, c["run_dir"]] for c in cells])
     total_wall, total_flops = sum(c["wall_s"] for c in cells), sum(c["flops"] for c in cells)
     report.text(f"compute: {total_wall:.1f}s of wall time and {total_flops / 1e9:.3g} GFLOPs of model FLOPs in all "
-                "(FLOPs as logged by the trainer: the training steps; a linear probe's one-off feature encoding is not counted).")
+                "(FLOPs as logged by the trainer: the training steps" + _encoding_note(cells) + ").")
     return report.write()
 
 
-def _curves(cells: list[dict], arms: list[str], budgets: list) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+def tied_arms(summary: list[dict[str, Any]]) -> list[tuple[Any, float, list[str]]]:
+    """``(budget, mean, arms)`` for every budget at which two or more arms have the same mean (to 4 decimals)."""
+    groups: dict[tuple[Any, float], list[str]] = {}
+    for s in summary:
+        groups.setdefault((s["budget"], round(s["mean"], TIE_DIGITS)), []).append(s["arm"])
+    return [(budget, mean, arms) for (budget, mean), arms in sorted(groups.items(), key=lambda item: item[0][0]) if len(arms) > 1]
 
-    figure = Figure(figsize=(10, 4))
-    FigureCanvasAgg(figure)
+
+def dodged(budgets: list, number: int, arms: int, log: bool) -> list[float]:
+    """The x positions of arm ``number`` of ``arms``: each arm shifted a little, so equal points stay visible."""
+    if arms < 2:
+        return list(budgets)
+    shift = (number - (arms - 1) / 2) * DODGE
+    if log:
+        span = math.log10(max(budgets) / min(budgets)) or 1.0
+        return [b * 10 ** (shift * span) for b in budgets]
+    span = (max(budgets) - min(budgets)) or max(budgets)
+    return [b + shift * span for b in budgets]
+
+
+def _efficiency(by: dict, arms: list[str], budgets: list, metric: str) -> Any:
+    figure, axes = _figure()
+    log = len(budgets) > 1 and budgets[-1] / budgets[0] >= 10
+    for number, arm in enumerate(arms):
+        present = [b for b in budgets if (arm, b) in by]
+        axes.errorbar(dodged(present, number, len(arms), log), [by[(arm, b)]["mean"] for b in present],
+                      yerr=[by[(arm, b)]["std"] for b in present], marker="o", capsize=4, color=COLORS[number % len(COLORS)], label=arm)
+    if ("scratch", budgets[-1]) in by:
+        axes.axhline(by[("scratch", budgets[-1])]["mean"], color="gray", linestyle=":", label=f"scratch at {budget_label(budgets[-1])}")
+    if log:
+        axes.set_xscale("log")
+    axes.set_xticks(budgets, [budget_label(b) for b in budgets])
+    axes.minorticks_off()
+    axes.set(xlabel="labels kept per class" + (" (fraction)" if isinstance(budgets[0], float) else ""), ylabel=metric,
+             title=f"{metric} vs label budget")
+    axes.legend()
+    return figure
+
+
+def _curves(cells: list[dict], arms: list[str], budgets: list) -> tuple[Any, list[str]]:
+    """The loss-curve figure (None if no cell has a log) and the cells whose train loss has fewer than two points."""
+    figure = _blank_figure(10, 4)
     left, right = figure.subplots(1, 2)
-    drawn = False
+    drawn, sparse = False, []
     first_seed = min(c["seed"] for c in cells)
     for number, arm in enumerate(arms):
         for budget in sorted({budgets[0], budgets[-1]}):
@@ -258,17 +310,37 @@ def _curves(cells: list[dict], arms: list[str], budgets: list) -> Any:
             for axes, split in ((left, "train"), (right, "validation")):
                 steps, values = series(rows, split, "loss")
                 if steps:
-                    axes.plot(steps, values, label=f"{arm}, {budget}", **style)
+                    axes.plot(steps, values, label=f"{arm}, {budget_label(budget)}", marker="o" if len(steps) == 1 else None, **style)
                     drawn = True
+                if split == "train" and len(steps) < 2:
+                    sparse.append(f"{arm} at {budget_label(budget)}, seed {cell['seed']} ({_steps_and_interval(cell)})")
     for axes, split in ((left, "train"), (right, "validation")):
         axes.set(xlabel="step", ylabel="loss", title=f"{split} loss")
     left.legend(fontsize=7)
-    return figure if drawn else None
+    return (figure if drawn else None), sparse
+
+
+def _steps_and_interval(cell: dict) -> str:
+    """"3 steps, trainer.log_every 10" from the cell's row and its saved recipe."""
+    try:
+        log_every = yaml.safe_load((Path(cell["run_dir"]) / "recipe.yaml").read_text())["trainer"]["log_every"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return f"{cell['steps']} steps"
+    return f"{cell['steps']} steps, trainer.log_every {log_every}"
+
+
+def _encoding_note(cells: list[dict]) -> str:
+    """What the FLOPs of linear-probe cells leave out, if anything."""
+    probes = [c for c in cells if c.get("strategy") == "linear-probe"]
+    if not probes:
+        return ""
+    if all(c.get("encode_flops") for c in probes):
+        return "; linear-probe cells include their one-off encoding of the data by the frozen backbone"
+    return ("; linear-probe cells count their head's training only: the one-off encoding of the data by the frozen "
+            "backbone is not in their log")
 
 
 def _confusion(matrix: list[list[int]], labels: list[str] | None) -> Any:
-    import numpy as np
-
     values = np.asarray(matrix)
     size = len(values)
     figure, axes = _figure(min(3 + 0.4 * size, 12), min(3 + 0.4 * size, 12))

@@ -1,0 +1,87 @@
+"""One entry point from a recipe's ``data:`` section to what the trainer reads, by modality.
+
+    modality  task data   reader                                   config class
+    text      corpus      files -> tokenizer -> packed blocks      recipe.DataConfig
+    text      labelled    a labelled table + the model's tokenizer labelled.LabelledDataConfig
+    array     either      images / vectors (+ labels when present) arrays.ArrayDataConfig
+
+The backbone family gives the modality; the task says whether it reads a corpus or labelled
+data (and, for text corpora, the tokenizer family and whether it wants sentence pairs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import transformers
+from pydantic import BaseModel
+
+from pretune.data.arrays import ArrayData, ArrayDataConfig, build_array_data
+from pretune.data.labelled import LabelledDataConfig, build_labelled
+from pretune.data.text import build_text_data
+from pretune.errors import DataError, RecipeError
+from pretune.heads import Head
+from pretune.recipe import DataConfig
+
+
+@dataclass
+class RunData:
+    """What one run trains and validates on, whatever the modality."""
+
+    train: Any  # indexable: ``train[indices]`` -> rows for ``task.collate``
+    validation: Any | None
+    test: Any | None = None
+    label_names: list[str] | None = None  # class names by id (labelled data)
+    tokenizer: Any = None  # text
+    arrays: ArrayData | None = None  # images / vectors: shape, modality, the whole unlabelled train split
+    text: str = "text"  # labelled text: the text column(s) and tokenisation length
+    text_pair: str | None = None
+    max_length: int = 128
+    all_subwords: bool = False  # tagging: label every piece of a word
+    meta: dict[str, Any] = field(default_factory=dict)  # how a saved model reads raw inputs (pretune.json)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def config_class(modality: str, data_kind: str) -> type[BaseModel]:
+    """The class that validates the ``data:`` section for this modality and kind of data."""
+    if modality == "array":
+        return ArrayDataConfig
+    return LabelledDataConfig if data_kind == "labelled" else DataConfig
+
+
+def read(modality: str, data_kind: str, cfg: Any, *, seed: int, tokenizer_path: str | None = None,
+         label_names: list[str] | None = None, head: Head | None = None, text_family: str = "encoder",
+         pairs: bool = False) -> RunData:
+    """Read the data of a run.  ``tokenizer_path``: the model's (or a resumed run's) tokenizer;
+    ``label_names``: a saved label map that fixes class ids (every rank, a resume, a labelled model)."""
+    if modality == "array":
+        arrays = build_array_data(cfg, seed, label_names=label_names)
+        meta = {"input_shape": list(arrays.shape), "modality": arrays.modality}
+        if arrays.modality == "vector":  # the label column a vector file is read with (predict / evaluate)
+            meta["label"] = cfg.label
+        if data_kind == "corpus":  # pretraining reads the whole training split, labelled or not
+            return RunData(arrays.unlabelled_train, arrays.validation, arrays.test, arrays.label_names, arrays=arrays, meta=meta)
+        if arrays.label_names is None:
+            source = cfg.images or cfg.vectors
+            raise DataError(f"{source}: classification needs labels (one sub-folder per class, or a '{cfg.label}' column)")
+        return RunData(arrays.train, arrays.validation, arrays.test, arrays.label_names, arrays=arrays, meta=meta)
+    if data_kind == "corpus":
+        if tokenizer_path:  # resuming or continuing: reuse the saved tokenizer
+            cfg = cfg.model_copy(update={"tokenizer": cfg.tokenizer.model_copy(update={"path": tokenizer_path})})
+        text = build_text_data(cfg, family=text_family, nsp=pairs, seed=seed)
+        return RunData(text.train, text.validation, tokenizer=text.tokenizer, extra={"documents": text.documents, "tokens": text.tokens})
+    labelled = build_labelled(cfg, head, seed, label_names=label_names)
+    meta = {"modality": "text", "text": cfg.text, "text_pair": cfg.text_pair, "label": cfg.label, "max_length": cfg.max_length}
+    return RunData(labelled.train, labelled.validation, labelled.test, labelled.label_names, tokenizer=load_tokenizer(tokenizer_path),
+                   text=cfg.text, text_pair=cfg.text_pair, max_length=cfg.max_length, meta=meta)
+
+
+def load_tokenizer(path: str | None) -> Any:
+    """The tokenizer of a model folder; decoders without a pad token pad with end-of-text."""
+    if not path:
+        raise RecipeError("recipe key 'backbone.path': fine-tuning needs a model folder to start from (a pretune run's model/ or a Hugging Face folder)")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
