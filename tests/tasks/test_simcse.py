@@ -11,7 +11,7 @@ from pretune.errors import RecipeError
 from pretune.recipe import load_recipe
 from pretune.run import assemble
 from pretune.tasks.contrastive import info_nce
-from pretune.tasks.simcse import pool
+from pretune.tasks.simcse import pool, uniformity
 from tests.integration.helpers import TINY
 
 
@@ -31,7 +31,10 @@ def test_views_differ_only_by_dropout_and_the_loss_is_info_nce(tmp_path):
     z = pool(module.model(input_ids=ids, attention_mask=batch.get("attention_mask")).last_hidden_state, batch.get("attention_mask"), "mean")
     expected, _ = info_nce(z, z, 0.05)
     torch.testing.assert_close(out["contrastive"], expected)
-    assert out["contrastive_correct"] == 6  # with identical views, each one's nearest is itself
+    assert "contrastive_correct" not in out  # with identical views it would always be 6 of 6: not informative
+    zn = torch.nn.functional.normalize(z, dim=1)  # uniformity, written out over the 30 ordered pairs i != j
+    pairs = [torch.exp(-2 * (zn[i] - zn[j]).pow(2).sum()) for i in range(6) for j in range(6) if i != j]
+    torch.testing.assert_close(out["uniformity"] / 6, torch.log(torch.stack(pairs).mean()))
 
     module.train()
     torch.manual_seed(0)
@@ -63,3 +66,8 @@ def test_simcse_learns_and_saves_an_encoder(tmp_path):
     encoder = transformers.AutoModel.from_pretrained(run_dir / "model")
     assert json.loads((run_dir / "model" / "pretune.json").read_text())["task"] == "simcse"
     assert encoder.config.hidden_size == 32
+
+
+def test_uniformity_is_zero_for_a_collapsed_encoder_and_negative_otherwise():
+    assert float(uniformity(torch.ones(5, 4))) == pytest.approx(0.0, abs=1e-6)
+    assert float(uniformity(torch.eye(4))) == pytest.approx(-4.0, abs=1e-5)  # orthonormal: every squared distance is 2

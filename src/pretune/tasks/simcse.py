@@ -11,6 +11,10 @@ randomly initialised encoder, whose ``[CLS]`` states start out nearly identical 
 loss sits at ``log(batch)`` for a long time).  Dropout must be on: a backbone with ``hidden_dropout_prob: 0`` would give identical
 views and a trivial task, so it is refused.
 
+Validation runs without dropout, where the two views coincide: it reports the InfoNCE of each
+embedding against the batch and the *uniformity* of the embeddings (Wang & Isola 2020), not the
+(always perfect) view-matching accuracy of training.
+
 The examples are the packed text blocks of ``data`` (``block_size`` tokens, like MLM), and the
 saved ``model/`` is the encoder as a Hugging Face folder (``AutoModel`` loads it; fine-tuning adds
 a head as for any encoder).
@@ -52,6 +56,15 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Ten
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
+def uniformity(z: torch.Tensor, t: float = 2.0) -> torch.Tensor:
+    """Wang & Isola 2020: ``log E_{i != j} exp(-t ||z_i - z_j||^2)`` of the normalised embeddings of a
+    batch; lower is more uniform (0 when every text maps to one point, the collapse SimCSE prevents)."""
+    z = torch.nn.functional.normalize(z.float(), dim=1)
+    distances = torch.cdist(z, z).pow(2)
+    off = ~torch.eye(len(z), dtype=torch.bool, device=z.device)
+    return torch.logsumexp(-t * distances[off], 0) - torch.log(torch.tensor(float(off.sum())))
+
+
 class SimCSEModel(nn.Module):
     def __init__(self, model: nn.Module, cfg: SimCSEConfig):
         super().__init__()
@@ -60,6 +73,10 @@ class SimCSEModel(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         ids = batch["input_ids"]
         mask = batch.get("attention_mask")
+        if not self.training:  # no dropout: both views would be the same vector and the accuracy always 1
+            z = pool(self.model(input_ids=ids, attention_mask=mask).last_hidden_state, mask, self.pooling)
+            loss, _ = info_nce(z, z, self.temperature)
+            return {"contrastive": loss, "uniformity": uniformity(z) * len(z)}
         twice = {"input_ids": ids.repeat(2, 1)}  # one forward pass: each copy draws its own dropout mask
         if mask is not None:
             twice["attention_mask"] = mask.repeat(2, 1)
@@ -86,7 +103,7 @@ class SimCSE(Task):
 
     def units(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         n = torch.tensor(float(len(batch["input_ids"])))
-        return {"contrastive": n, "contrastive_correct": n}
+        return {"contrastive": n, "contrastive_correct": n, "uniformity": n}
 
     def tokens(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["input_ids"].numel())
