@@ -76,7 +76,7 @@ def run_pretune(data_dir: Path, epochs: int, precision: str) -> dict:
                 phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
         return wrapper
 
-    finetune.cache_features = timed("encode_s", finetune.cache_features)
+    finetune.Finetune.prepare = timed("encode_s", finetune.Finetune.prepare)  # the one-off encoding of the cached features
     pretune.run.fit = timed("fit_s", pretune.run.fit)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()

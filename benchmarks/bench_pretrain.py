@@ -47,15 +47,14 @@ def model_overrides(w: dict) -> list[str]:
 
 def build_data(workload: str, cache: Path) -> Path:
     """Pack the embedded corpus once; both contenders read the same blocks and tokenizer."""
-    import pretune.tasks  # noqa: F401
     from pretune.recipe import load_recipe
-    from pretune.run import build_task
+    from pretune.run import compose, data_reader
 
     out = cache / workload
     if (out / "blocks").exists():
         return out
     recipe = load_recipe(None, model_overrides(WORKLOADS[workload]))
-    data = build_task(recipe).data()
+    data = data_reader(compose(recipe), recipe)(None, None)  # the run's own reader: same tokenizer and blocks
     data.train.save_to_disk(str(out / "blocks"))
     data.tokenizer.save_pretrained(str(out / "tokenizer"))
     return out

@@ -9,7 +9,7 @@ temperature 0.5, two augmented views per image, AdamW lr 2e-3 / weight decay 1e-
 cosine schedule with 5% warm-up, bf16 autocast), at batch 256 (the recipe's) and batch 64.
 
 The plain loop is what a competent user writes by hand with the same pieces: the same
-``SimCLRModel`` built from ``pretune.backbones.vision.build_backbone`` (same seed, so the same
+``SimCLRModel`` composed by ``pretune.run.assemble`` (same seed, so the same
 initial weights), the same images (``pretune.data.arrays.build_array_data``), a shuffled index
 order per epoch (tail dropped), two ``augment_images`` views per example from per-example seeds,
 ``torch.autocast("cpu", dtype=torch.bfloat16)``, ``torch.optim.AdamW(model.parameters(), ...)``
@@ -68,30 +68,21 @@ QUICK_SIZES = {256: (8, 3), 64: (12, 4)}
 
 
 def recipe_parts():
-    """The recipe's task, backbone and data sections, validated by pretune's own config classes."""
-    from pretune.backbones.vision import VisionConfig
-    from pretune.data.arrays import ArrayDataConfig
+    """The recipe and its task section, validated by pretune's own config classes."""
     from pretune.recipe import load_recipe
     from pretune.tasks.contrastive import ContrastiveConfig
 
     recipe = load_recipe(str(RECIPE), [f"data.size={IMAGE_SIZE[0]}"])
-    return recipe, ContrastiveConfig(**recipe.task), VisionConfig(**recipe.backbone), ArrayDataConfig(**recipe.data)
+    return recipe, ContrastiveConfig(**recipe.task)
 
 
 def build_plain(seed: int = 0):
     """The model and training images, built exactly as pretune builds them for this recipe."""
-    import torch
+    from pretune.run import assemble
 
-    from pretune.backbones.vision import build_backbone
-    from pretune.data.arrays import build_array_data, channel_stats
-    from pretune.tasks.contrastive import SimCLRModel
-
-    recipe, task_cfg, backbone_cfg, data_cfg = recipe_parts()
-    images = build_array_data(data_cfg, seed).unlabelled_train.x  # the train split (validation held out)
-    mean, std = channel_stats(images)
-    torch.manual_seed(seed)
-    model = SimCLRModel(build_backbone(backbone_cfg, tuple(images.shape[1:]), mean, std), task_cfg)
-    return recipe, task_cfg, model, images
+    recipe, task_cfg = recipe_parts()
+    _, data, model = assemble(recipe.model_copy(update={"seed": seed}))  # the run's own composition
+    return recipe, task_cfg, model, data.train.x  # the train split (validation held out)
 
 
 def run_plain(batch: int, steps: int, warmup: int) -> dict:
