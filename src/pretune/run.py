@@ -63,7 +63,7 @@ def build_task(recipe: Recipe) -> Task:
     cfg = recipe.section("task", task_class.Config)
     if task_class.data_kind == "labelled":
         head_scale = recipe.trainer.head_lr / recipe.trainer.lr if recipe.trainer.head_lr else 1.0
-        return task_class(cfg, recipe.seed, strategy=recipe.strategy, head_lr_scale=head_scale)
+        return task_class(cfg, recipe.seed, strategy=recipe.strategy, head_lr_scale=head_scale, epochs=recipe.trainer.epochs)
     if recipe.strategy.name != "full":
         raise RecipeError(f"recipe key 'strategy': {recipe.strategy} applies to fine-tuning; pretraining task {cfg.name!r} trains everything")
     return task_class(cfg, recipe.seed)

@@ -38,7 +38,7 @@ HF = "model.model."  # checkpoint keys: the fine-tuning module -> the classifier
 ])
 def test_frozen_parameters_stay_bit_identical_and_trained_ones_move(tmp_path, tiny_encoder, topics, strategy, frozen_prefixes, trained_prefixes):
     run_dir = finetune(tmp_path, tiny_encoder, topics, f"strategy={strategy}", "trainer.epochs=2", "trainer.save_every=1",
-                       "trainer.keep_last=1000", "trainer.patience=null")
+                       "trainer.keep_last=1000", "trainer.patience=null", "task.probe=sgd")  # the probe trained by the loop
     checkpoints = sorted((run_dir / "checkpoints").iterdir())
     first = load_file(str(checkpoints[0] / "module.safetensors"))
     initial = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_encoder, num_labels=5).state_dict()
@@ -106,8 +106,9 @@ def test_evaluate_predict_load_and_plain_transformers_agree(tmp_path, tiny_encod
 
 
 def test_linear_probe_uses_cached_features_with_the_same_result(tmp_path, tiny_encoder, topics):
-    cached = finetune(tmp_path, tiny_encoder, topics, "strategy=linear-probe", "trainer.epochs=2", name="cached")
-    plain = finetune(tmp_path, tiny_encoder, topics, "strategy=linear-probe", "trainer.epochs=2", "task.cache_features=false", name="plain")
+    cached = finetune(tmp_path, tiny_encoder, topics, "strategy=linear-probe", "task.probe=sgd", "trainer.epochs=2", name="cached")
+    plain = finetune(tmp_path, tiny_encoder, topics, "strategy=linear-probe", "task.probe=sgd", "trainer.epochs=2", "task.cache_features=false",
+                     name="plain")
     a, b = load_file(str(cached / "model" / "model.safetensors")), load_file(str(plain / "model" / "model.safetensors"))
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)

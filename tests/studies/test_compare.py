@@ -123,7 +123,9 @@ def test_image_study(image_study):
     assert len(rows) == 2 * 2 * 2 and {r["scored_on"] for r in rows} == {"validation"}
     assert all(0.0 <= r["score"] <= 1.0 for r in rows)
     by_budget = {b: [r["steps"] for r in rows if r["budget"] == b] for b in (0.1, 1.0)}
-    assert max(by_budget[0.1]) < min(by_budget[1.0])  # 10% of the labels: fewer steps in one epoch
+    # 10% of the labels fill fewer steps per epoch, but trainer.min_steps (200 in study-images.yaml)
+    # still gives every cell at least 200 optimizer steps: a small budget is not left under-trained
+    assert min(by_budget[0.1]) >= 200 and max(by_budget[0.1]) <= min(by_budget[1.0])
     best = max(rows, key=lambda r: r["score"])
     assert len(best["confusion_matrix"]) == 10 and sum(map(sum, best["confusion_matrix"])) == 359  # the held-out digits
     assert json.loads((image_study.study_dir / "study.json").read_text())["headline"] == image_study.headline

@@ -75,9 +75,10 @@ def test_strategy_strings():
     assert strategies.parse("freeze-bottom:4").layers == 4
     assert strategies.parse("llrd:0.8").decay == 0.8
     lora = strategies.parse("lora:r=8,alpha=32")
-    assert (lora.r, lora.alpha, lora.dropout) == (8, 32, 0.05)
-    assert str(lora) == "lora:r=8,alpha=32,dropout=0.05" and str(strategies.parse("full")) == "full"
-    for bad in ("freeze", "freeze-bottom:x", "llrd:2", "lora:q=1", "full:3"):
+    assert (lora.r, lora.alpha, lora.dropout, lora.backbone_lr_scale) == (8, 32, 0.0, 20.0)
+    assert str(lora) == "lora:r=8,alpha=32,dropout=0" and str(strategies.parse("full")) == "full"
+    assert strategies.parse("lora:lr_scale=4").backbone_lr_scale == 4 and strategies.parse("llrd:0.9").backbone_lr_scale == 1
+    for bad in ("freeze", "freeze-bottom:x", "llrd:2", "lora:q=1", "full:3", "lora:lr_scale=0"):
         with pytest.raises(RecipeError, match="strategy"):
             strategies.parse(bad)
 
@@ -91,3 +92,59 @@ def test_strategy_is_a_typed_recipe_section_checked_before_the_run():
         load_recipe(None, ["strategy=freeze-bottom:x"])
     with pytest.raises(RecipeError, match="strategy"):
         load_recipe(None, ["strategy.name=nope"])
+
+
+class Groups:
+    """A stand-in classifier with ``n`` layer groups of one parameter each."""
+
+    def __init__(self, n):
+        self.layers = [torch.nn.Linear(1, 1) for _ in range(n)]
+        self.new_parameters = set()
+
+    def layer_groups(self):
+        return [[layer] for layer in self.layers]
+
+    def named_parameters(self):
+        return [(f"layer{i}.{n}", p) for i, layer in enumerate(self.layers) for n, p in layer.named_parameters()]
+
+
+@pytest.mark.parametrize("epochs, groups, unfrozen", [
+    (3, 2, [0, 1, 2]),  # ULMFiT: one more group per epoch
+    (5, 7, [0, 2, 4, 6, 7]),  # few epochs (MiniLM: embeddings + 6 layers, 5 epochs): several groups per epoch, all by the last
+    (30, 4, [0] + [1] * 6 + [2] * 6 + [3] * 6 + [4] * 11),  # many epochs: 6 per stage, everything trains from epoch 19
+    (1, 3, [0, 3]),  # one epoch (stretched by min_steps): the head, then everything
+])
+def test_gradual_unfreezing_is_paced_so_every_group_trains_by_the_last_epoch(epochs, groups, unfrozen):
+    model = Groups(groups)
+    strategy = strategies.parse("gradual-unfreeze")
+    per_stage = strategies.stages(strategy, model, epochs)
+    counts = [len(strategies.apply(strategy, model, epoch, per_stage)) for epoch in range(len(unfrozen))]
+    assert counts == unfrozen
+    assert strategies.stages(strategy, model, None) == 1.0 and strategies.stages(strategies.parse("full"), model, epochs) == 1.0
+
+
+def test_finetune_passes_the_pacing_to_gradual_unfreezing():
+    model = tiny(transformers.BertForSequenceClassification, transformers.BertConfig, hidden_size=32, num_hidden_layers=5,
+                 num_attention_heads=2, intermediate_size=64)  # 6 groups: embeddings + 5 layers
+    task = Finetune(FinetuneConfig(), strategy=strategies.parse("gradual-unfreeze"), epochs=4)
+    module = FineTuneModel(HFClassifier(model, {"classifier.weight", "classifier.bias"}), heads.get("single"), None, False)
+    assert task.on_epoch(module, 0).startswith("gradual-unfreeze trains the new task layers and no layer group")
+    assert "layer groups 4-5 of 0-5" in task.on_epoch(module, 1)
+    assert "all layer groups" in task.on_epoch(module, 3)
+
+
+def test_lora_adapters_train_at_twenty_times_the_learning_rate_and_are_not_task_layers():
+    model = tiny(transformers.BertForSequenceClassification, transformers.BertConfig, hidden_size=32, num_hidden_layers=1,
+                 num_attention_heads=2, intermediate_size=64)
+    classifier = HFClassifier(model, {"classifier.weight", "classifier.bias"})
+    strategy = strategies.parse("lora:r=2")
+    strategies.prepare(strategy, classifier)
+    trainable = {n for n, p in classifier.named_parameters() if p.requires_grad}
+    adapters = trainable - classifier.new_parameters
+    assert adapters and all(".lora_" in n for n in adapters) and all("classifier" in n for n in classifier.new_parameters)
+    assert not any(p.requires_grad for n, p in classifier.named_parameters() if "word_embeddings" in n)  # the base needs no gradient
+    scales = strategies.lr_scales(strategy, classifier, head_scale=5.0)
+    assert {scales[n] for n in adapters} == {20.0} and {scales[n] for n in classifier.new_parameters} == {5.0}
+    assert {strategies.lr_scales(strategies.parse("lora:r=2,lr_scale=3"), classifier)[n] for n in adapters} == {3.0}
+    dropouts = [m for n, m in classifier.named_modules() if n.endswith("lora_dropout.default")]
+    assert dropouts and all(isinstance(m, torch.nn.Identity) for m in dropouts)  # no adapter dropout by default

@@ -91,6 +91,9 @@ class ArrayClassifier(Classifier):
     def head_logits(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(features))
 
+    def linear_head(self) -> nn.Linear:
+        return self.head
+
     def layer_groups(self) -> list[list[nn.Module]]:
         return self.backbone.layer_groups()
 

@@ -20,8 +20,9 @@ the predictor) talks to a family only through this interface:
 A :class:`Classifier` (what ``classifier`` returns) is an ``nn.Module`` with ``forward(batch) ->
 logits``, ``encode(batch) -> features`` (the representation the head reads, for cached features),
 ``head_logits(features)``, ``backbone`` (the module a frozen strategy puts in eval mode),
-``layer_groups()`` (bottom-to-top groups for freezing, LLRD and gradual unfreezing) and
-``new_parameters`` (names of the task layers the checkpoint did not have).
+``layer_groups()`` (bottom-to-top groups for freezing, LLRD and gradual unfreezing),
+``new_parameters`` (names of the task layers the checkpoint did not have) and ``linear_head()``
+(the task layer, when it is one linear layer on the encoded features).
 """
 
 from __future__ import annotations
@@ -63,6 +64,11 @@ class Classifier(nn.Module):
     def supports_cache(self, head: Head) -> bool:
         """Whether ``head_logits(encode(batch))`` equals ``forward(batch)`` with a frozen backbone."""
         return not head.per_token
+
+    def linear_head(self) -> nn.Linear | None:
+        """The task layer when ``head_logits(f)`` is exactly ``linear_head()(f)`` in eval mode (a linear
+        probe is then fitted to convergence: :func:`pretune.strategies.fit_probe`); None otherwise."""
+        return None
 
 
 class Backbone:

@@ -10,10 +10,12 @@ saves is an ordinary Hugging Face folder that the rest of the ecosystem loads, a
 from __future__ import annotations
 
 import copy
+import json
 import sys
 from pathlib import Path
 from typing import Any, Literal
 
+import safetensors.torch
 import torch
 import transformers
 from torch import nn
@@ -202,7 +204,8 @@ class HFClassifier(Classifier):
                             target_modules="all-linear", modules_to_save=heads)
         self.model = get_peft_model(self.model, config)
         self.lora = True
-        self.new_parameters = {n for n, p in self.named_parameters() if p.requires_grad}
+        # the task layers' trainable copies; the adapters are not task layers: they train at lr x strategy.lr_scale
+        self.new_parameters = {n for n, p in self.named_parameters() if p.requires_grad and ".lora_" not in n}
 
     def exportable(self) -> nn.Module:
         """The plain Hugging Face model to save: LoRA adapters merged into the weights."""
@@ -220,6 +223,224 @@ def layer_groups(model: nn.Module) -> list[list[nn.Module]]:
         if isinstance(node, nn.ModuleList):
             return [embeddings, *[[layer] for layer in node]]
     raise RecipeError(f"{type(base).__name__}: cannot find its transformer layers for layer-wise strategies")
+
+
+# -- a pooling of our choice: AutoModel + pooling + dropout + linear head ------------------------------------
+POOLINGS = ("cls", "mean", "max", "last")
+HEAD_FILE = "head.safetensors"  # the linear head of a pooled classifier, beside the base model's model.safetensors
+# sentence-transformers' Pooling config: boolean keys (every version reads them; newer ones write "pooling_mode": name)
+ST_LEGACY = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max", "pooling_mode_mean_tokens": "mean",
+             "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens": "weightedmean",
+             "pooling_mode_lasttoken": "lasttoken"}
+ST_MODES = {"cls": "cls", "mean": "mean", "max": "max", "lasttoken": "last"}  # the modes pretune computes -> task.pooling
+ST_KEYS = {ST_MODES[mode]: key for key, mode in ST_LEGACY.items() if mode in ST_MODES}  # task.pooling -> boolean key
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """One vector per row of ``hidden`` [B, T, H] from its real positions (``mask`` [B, T] = 1), as
+    sentence-transformers' ``Pooling``: ``cls`` the first real token, ``last`` the last one, ``mean``
+    ``sum_t m_t h_t / sum_t m_t``, ``max`` the element-wise maximum over real tokens."""
+    real = mask.to(hidden.dtype).unsqueeze(-1)
+    if how == "mean":
+        return (hidden * real).sum(1) / real.sum(1).clamp(min=1e-9)
+    if how == "max":
+        return hidden.masked_fill(real == 0, float("-inf")).max(1).values
+    positions = torch.arange(hidden.shape[1], device=hidden.device)
+    index = (mask > 0).int().argmax(-1) if how == "cls" else (positions * (mask > 0)).argmax(-1)
+    return hidden[torch.arange(len(hidden), device=hidden.device), index]
+
+
+def declared_pooling(path: str | Path) -> str | None:
+    """The pooling a sentence-transformers folder declares (``modules.json`` -> its ``Pooling`` module's
+    ``config.json``), or None (no such files, or a pooling pretune does not compute: said on stderr)."""
+    modules = Path(path) / "modules.json"
+    if not modules.is_file():
+        return None
+    try:
+        entry = next((m for m in json.loads(modules.read_text()) if str(m.get("type", "")).endswith("Pooling")), None)
+        config = json.loads((Path(path) / entry["path"] / "config.json").read_text()) if entry else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{modules}: cannot read the sentence-transformers pooling ({exc})") from None
+    if config is None:
+        return None
+    modes = config.get("pooling_mode") or [mode for key, mode in ST_LEGACY.items() if config.get(key)] or ["mean"]  # none set: mean
+    modes = [modes] if isinstance(modes, str) else list(modes)
+    if len(modes) != 1 or modes[0] not in ST_MODES:
+        print(f"pretune: note: {path} declares the pooling {'+'.join(map(str, modes))}, which pretune does not compute; "
+              "set task.pooling (cls, mean, max or last)", file=sys.stderr, flush=True)
+        return None
+    return ST_MODES[modes[0]]
+
+
+def choose_pooling(path: str | Path, requested: str, decoder: bool, linear: bool) -> tuple[str | None, str]:
+    """The pooling a classifier reads (None: the architecture's own Hugging Face head) and why.
+
+    ``auto``: the folder's sentence-transformers pooling; otherwise the architecture's head (BERT's
+    pooled ``[CLS]``, a decoder's last real token).  ``linear`` (a linear probe fitted on frozen
+    features) wants one linear layer on the pooled vector, so ``auto`` then reads the token the
+    architecture's head reads (``cls`` / ``last``) without the head's extra layers (a pooler or
+    dense layer the probe could not fit, a decoder's bias-free score)."""
+    if requested != "auto":
+        own = requested == "last" and decoder and not linear  # exactly what a decoder's own head reads
+        return (None if own else requested), f"task.pooling={requested}"
+    declared = declared_pooling(path)
+    if declared is not None:
+        return declared, "the folder's sentence-transformers pooling"
+    if linear:
+        return ("last" if decoder else "cls"), "a linear probe reads the token the architecture's head reads"
+    return None, "the architecture's own head"
+
+
+class PooledModel(nn.Module):
+    """A transformers base model under its own prefix (``bert``, ``transformer``...), then pooling,
+    dropout and ``classifier``: parameter names as in Hugging Face's ``*ForSequenceClassification``."""
+
+    def __init__(self, base: PreTrainedModel, pooling: str, outputs: int, dropout: float):
+        super().__init__()
+        self.prefix, self.pooling = base.base_model_prefix, pooling
+        setattr(self, self.prefix, base)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(base.config.hidden_size, outputs)
+
+    @property
+    def base_model(self) -> nn.Module:
+        return getattr(self, self.prefix)
+
+
+class PooledClassifier(Classifier):
+    """``AutoModel`` + a pooling + dropout + a linear head: for a pooling that the architecture's own
+    head does not compute (mean pooling of a sentence-transformers model, ``task.pooling``...).
+
+    Saved (:func:`save_pooled`) as the base model (``AutoModel`` loads it), the head in
+    ``head.safetensors``, the pooling in ``pretune.json``, and sentence-transformers' own files, so
+    ``SentenceTransformer(folder).encode(texts)`` gives exactly the vectors the head reads."""
+
+    def __init__(self, base: PreTrainedModel, pooling: str, outputs: int, dropout: float = 0.0, new_parameters: set[str] = frozenset()):
+        super().__init__()
+        self.unused = drop_pooler(base)  # saved as loaded, so that AutoModel loads the folder without a MISSING pooler
+        self.model = PooledModel(base, pooling, outputs, dropout)
+        self.pooling = pooling
+        self.new_parameters = {f"model.{n}" for n in new_parameters} | {"model.classifier.weight", "model.classifier.bias"}
+        self.lora = False
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.model.base_model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.head_logits(self.encode(batch))
+
+    def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden = self.model.base_model(**{k: batch[k] for k in TEXT_INPUTS if k in batch}).last_hidden_state
+        mask = batch.get("attention_mask")
+        return pool(hidden, mask if mask is not None else torch.ones(hidden.shape[:2], device=hidden.device), self.pooling)
+
+    def head_logits(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.classifier(self.model.dropout(features))
+
+    def linear_head(self) -> nn.Linear:
+        return self.model.classifier
+
+    def layer_groups(self) -> list[list[nn.Module]]:
+        return layer_groups(self.model)
+
+    def add_lora(self, options: dict[str, Any]) -> None:
+        """Low-rank adapters (PEFT) on every linear layer of the base model; the head trains fully."""
+        from peft import LoraConfig, get_peft_model  # imported only for LoRA runs
+
+        config = LoraConfig(r=options["r"], lora_alpha=options["alpha"], lora_dropout=options["dropout"], target_modules="all-linear")
+        setattr(self.model, self.model.prefix, get_peft_model(self.model.base_model, config))
+        self.lora = True
+
+    def exportable(self) -> PooledModel:
+        """The model to save: LoRA adapters merged into the base weights."""
+        if not self.lora:
+            return self.model
+        model = copy.deepcopy(self.model)
+        setattr(model, model.prefix, model.base_model.merge_and_unload())
+        return model
+
+
+def drop_pooler(base: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """Remove BERT's pooler (it reads [CLS] for BERT's own head; a pooling replaces it, so it neither
+    trains nor runs); returns its weights, which are saved unchanged."""
+    pooler = getattr(base, "pooler", None)
+    if pooler is None:
+        return {}
+    base.pooler = None
+    return {f"pooler.{k}": v.detach().clone() for k, v in pooler.state_dict().items()}
+
+
+def pooled_classifier(cfg: TransformerConfig, pooling: str, why: str, head: Head, label_names: list[str], data: Any) -> PooledClassifier:
+    """``AutoModel`` from ``cfg.path`` (or its architecture, randomly initialised) with ``pooling`` and a linear head."""
+    kwargs = {"pad_token_id": data.tokenizer.pad_token_id} if load_config(cfg.path).pad_token_id is None else {}
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        if cfg.pretrained:
+            base, info = transformers.AutoModel.from_pretrained(cfg.path, output_loading_info=True, attn_implementation=cfg.attention,
+                                                                use_safetensors=None if pickle_trusted() else True, **kwargs, **cfg.config)
+            new = set(info["missing_keys"])
+        else:
+            base = transformers.AutoModel.from_config(AutoConfig.from_pretrained(cfg.path, **kwargs, **cfg.config), attn_implementation=cfg.attention)
+            new = {n for n, _ in base.named_parameters()}
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{cfg.path}: cannot load as AutoModel: {exc}") from None
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+    new = {f"{base.base_model_prefix}.{n}" for n in new if not n.startswith("pooler.")}
+    config = base.config
+    dropout = next((v for k in ("classifier_dropout", "hidden_dropout_prob", "summary_first_dropout", "dropout")
+                    if isinstance(v := getattr(config, k, None), float)), 0.0)
+    model = PooledClassifier(base, pooling, head.outputs(label_names), dropout, new)
+    saved = Path(cfg.path) / HEAD_FILE
+    meta = Path(cfg.path) / "pretune.json"
+    if cfg.pretrained and saved.is_file() and meta.is_file():  # a pretune classifier of the same kind and labels keeps its head
+        old = json.loads(meta.read_text())
+        state = safetensors.torch.load_file(str(saved))
+        if old.get("kind") == head.name and old.get("label_names") == list(label_names) and \
+                state["classifier.weight"].shape == model.model.classifier.weight.shape:
+            model.model.classifier.load_state_dict({k[len("classifier."):]: v for k, v in state.items()})
+    if cfg.pretrained:
+        shown = sorted({n.rsplit(".", 1)[0] for n in model.new_parameters})
+        print(f"pretune: {cfg.path} loaded as {type(base).__name__} with {pooling} pooling ({why}) and a linear head; "
+              f"new task layers: {', '.join(n[len('model.'):] for n in shown)}", file=sys.stderr, flush=True)
+    return model
+
+
+def save_pooled(classifier: PooledClassifier, path: Path, max_length: int) -> None:
+    """The base model under its prefix (as a ``*ForSequenceClassification`` checkpoint: ``AutoModel``
+    and sentence-transformers load it), ``head.safetensors``, and sentence-transformers' files
+    (``modules.json``, ``1_Pooling/config.json``, ``sentence_bert_config.json``) in the format of
+    all-MiniLM-L6-v2's folder.  The pooling also goes to ``pretune.json``."""
+    model = classifier.exportable()
+    base = model.base_model
+    base.save_pretrained(path, state_dict={f"{model.prefix}.{k}": v for k, v in {**base.state_dict(), **classifier.unused}.items()})
+    safetensors.torch.save_file({k: v.detach().contiguous() for k, v in model.classifier.state_dict(prefix="classifier.").items()},
+                                str(path / HEAD_FILE))
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    (path / "modules.json").write_text(json.dumps(modules, indent=2))
+    (path / "1_Pooling").mkdir(exist_ok=True)
+    keys = ["pooling_mode_cls_token", "pooling_mode_mean_tokens", "pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len_tokens"]
+    keys += ["pooling_mode_lasttoken"] if model.pooling == "last" else []  # known to sentence-transformers >= 2.3 only
+    pooling = {"word_embedding_dimension": base.config.hidden_size, **{key: key == ST_KEYS[model.pooling] for key in keys}}
+    (path / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2))
+    (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_length, "do_lower_case": False}, indent=2))
+    (path / "pretune.json").write_text(json.dumps({"pooling": model.pooling}))  # Finetune.save adds the task's keys
+
+
+def load_pooled(path: Path, pooling: str) -> PooledClassifier:
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()  # "pooler MISSING": the pooling replaced it
+    try:
+        base = transformers.AutoModel.from_pretrained(str(path), use_safetensors=None if pickle_trusted() else True)
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+    state = safetensors.torch.load_file(str(path / HEAD_FILE))
+    model = PooledClassifier(base, pooling, state["classifier.weight"].shape[0])
+    model.model.classifier.load_state_dict({k[len("classifier."):]: v for k, v in state.items()})
+    return model
 
 
 def align_tags(word_ids: list[list[int | None]], tags: list[list[int]], names: list[str], all_subwords: bool) -> torch.Tensor:
@@ -270,11 +491,18 @@ class HF(Backbone):
         return build_model(self.cfg, auto_class, vocab_size=len(data.tokenizer), special=special_ids(data.tokenizer),
                            max_positions=len(data.train[0]["input_ids"]))
 
-    def classifier(self, head: Head, label_names: list[str], data: Any, *, dropout: float = 0.0, augment: Any = None) -> HFClassifier:
+    def classifier(self, head: Head, label_names: list[str], data: Any, *, dropout: float = 0.0, augment: Any = None,
+                   pooling: str = "auto", linear: bool = False) -> Classifier:
+        """The architecture's own Hugging Face head class, or :class:`PooledClassifier` when the pooling
+        (:func:`choose_pooling`: ``task.pooling``, the folder's sentence-transformers pooling, or a linear
+        probe's ``linear`` head) is not what that head computes."""
         cfg = self.cfg
         if not cfg.path:
             raise RecipeError("recipe key 'backbone.path': fine-tuning needs a model folder to start from (a pretune run's model/ or a Hugging Face folder)")
         config = load_config(cfg.path)
+        chosen, why = (None, "") if head.per_token else choose_pooling(cfg.path, pooling, family_of(cfg) == "decoder", linear)
+        if chosen is not None:
+            return pooled_classifier(cfg, chosen, why, head, label_names, data)
         kwargs: dict[str, Any] = {"num_labels": head.outputs(label_names)}
         if label_names:
             kwargs.update(id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
@@ -319,13 +547,18 @@ class HF(Backbone):
 
     def save(self, module: nn.Module, path: Path, data: Any) -> None:
         transformers.utils.logging.disable_progress_bar()  # no "Writing model shards" bar at every checkpoint
-        module.exportable().save_pretrained(path)
+        if isinstance(module, PooledClassifier):
+            save_pooled(module, path, data.max_length)
+        else:
+            module.exportable().save_pretrained(path)
         data.tokenizer.save_pretrained(path)
 
     @classmethod
-    def load_classifier(cls, path: Path, meta: dict[str, Any], device: torch.device) -> tuple[HFClassifier, Any]:
-        auto = transformers.AutoModelForTokenClassification if heads.get(meta["kind"]).per_token else transformers.AutoModelForSequenceClassification
+    def load_classifier(cls, path: Path, meta: dict[str, Any], device: torch.device) -> tuple[Classifier, Any]:
         check_model_folder(path)  # weights only from safetensors unless --trust-pickle
+        if meta.get("pooling") in POOLINGS and (path / HEAD_FILE).is_file():
+            return load_pooled(path, meta["pooling"]).to(device).eval(), load_tokenizer(str(path))
+        auto = transformers.AutoModelForTokenClassification if heads.get(meta["kind"]).per_token else transformers.AutoModelForSequenceClassification
         model = auto.from_pretrained(str(path), use_safetensors=None if pickle_trusted() else True)
         return HFClassifier(model, set()).to(device).eval(), load_tokenizer(str(path))
 

@@ -9,12 +9,19 @@ not have are the *new task layers*: they always train.  Without a model to start
 a source task, or the from-scratch arm of a study.
 
 A frozen backbone in eval mode runs nothing stochastic before the head, so with ``linear-probe``
-the data are encoded once (``prepare``) and only the head trains on the cached features.
+the data are encoded once (``prepare``) and only the head trains on the cached features.  With
+``task.probe: lbfgs`` (the default) and a head that is one linear layer, that training is a
+convex fit run to convergence, its L2 strength cross-validated on the training features as
+scikit-learn's ``LogisticRegressionCV`` does (:func:`pretune.strategies.fit_probe`): it happens at the start of epoch 0 (``on_epoch``, after the
+step-0 validation of the untrained head, so curves keep their "before" point), and the loop's
+steps that follow run the head at learning rate 0, so they validate and save the fitted head
+without changing it.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,6 +52,8 @@ class FinetuneConfig(Section):
     class_weights: Literal["balanced"] | list[float] | None = None  # balanced: n / (K * n_c)
     label_all_subwords: bool = False  # tag: label every piece of a word, not only the first
     cache_features: bool = True  # linear probe: encode the data once, train the head on cached features
+    probe: Literal["lbfgs", "sgd"] = "lbfgs"  # linear probe: fit the head to convergence (L2 chosen on validation), or train it by the loop
+    pooling: Literal["auto", "cls", "mean", "max", "last"] = "auto"  # text: what the head reads; auto: the folder's sentence-transformers pooling, else the architecture's head
     head_dropout: float = Field(0.0, ge=0, lt=1)  # images / vectors: dropout before the linear head
     augment: AugmentConfig | None = None  # images / vectors: augment training examples (e.g. {crop_scale: [0.6, 1], flip: 0})
 
@@ -88,9 +97,10 @@ class Finetune(Task):
     modalities = ("text", "array")
     wants_logits = True
 
-    def __init__(self, cfg: FinetuneConfig, seed: int = 0, strategy: StrategyConfig = StrategyConfig(), head_lr_scale: float = 1.0):
+    def __init__(self, cfg: FinetuneConfig, seed: int = 0, strategy: StrategyConfig = StrategyConfig(), head_lr_scale: float = 1.0,
+                 epochs: float | None = None):
         super().__init__(cfg, seed)
-        self.strategy, self.head_lr_scale = strategy, head_lr_scale
+        self.strategy, self.head_lr_scale, self.epochs = strategy, head_lr_scale, epochs  # epochs: paces gradual unfreezing
         self.head = heads.get("multi" if cfg.name == "classify" and cfg.multi_label else HEAD_OF_TASK[cfg.name])
         if cfg.class_weights is not None and not self.head.class_weights:  # would be silently ignored otherwise
             raise RecipeError(f"recipe key 'task.class_weights': applies to single-label classification only, not to {self.head.name!r} tasks")
@@ -99,6 +109,8 @@ class Finetune(Task):
         self.class_weights: torch.Tensor | None = None
         self.trainable_groups: list[int] | None = None
         self.flops_per_example: float | None = None  # images / vectors: counted once, on the first batch
+        self.probe_data: TensorRows | None = None  # cached training features to fit the probe on
+        self.fitted = False
 
     # -- model --------------------------------------------------------------------------------------
     def build(self, backbone: Backbone, data: RunData) -> FineTuneModel:
@@ -107,6 +119,9 @@ class Finetune(Task):
         if backbone.modality == "text" and (self.cfg.augment is not None or self.cfg.head_dropout):
             raise RecipeError("recipe key 'task.augment' / 'task.head_dropout': apply to images and vectors; "
                               "text heads use the model's own dropout (backbone.config)")
+        if self.cfg.pooling != "auto" and (backbone.modality != "text" or self.head.per_token):
+            raise RecipeError("recipe key 'task.pooling': applies to text classification and regression; "
+                              "tagging reads every token, and images and vectors use their network's own pooling")
         if self.strategy.name != "full" and not backbone.pretrained:
             raise RecipeError(f"recipe key 'strategy': {self.strategy.name} needs a pretrained backbone "
                               "(model=PATH, backbone.path or backbone.weights)")
@@ -115,23 +130,54 @@ class Finetune(Task):
             data.label_names = names + [f"I-{n[2:]}" for n in names if n.startswith("B-") and f"I-{n[2:]}" not in names]
             data.all_subwords = True
         self.label_names = data.label_names
-        model = backbone.classifier(self.head, self.label_names, data, dropout=self.cfg.head_dropout, augment=self.cfg.augment)
+        text = {"pooling": self.cfg.pooling, "linear": self.fits_probe} if backbone.modality == "text" else {}
+        model = backbone.classifier(self.head, self.label_names, data, dropout=self.cfg.head_dropout, augment=self.cfg.augment, **text)
         strategies.prepare(self.strategy, model)
         self.class_weights = self._class_weights(data)
         return FineTuneModel(model, self.head, self.class_weights, self.strategy.frozen_backbone)
 
+    @property
+    def fits_probe(self) -> bool:
+        """A linear probe fitted to convergence (``task.probe: lbfgs``), not trained by the loop."""
+        return self.strategy.frozen_backbone and self.cfg.probe == "lbfgs"
+
     def on_epoch(self, module: FineTuneModel, epoch: int) -> str | None:
-        """Gradual unfreezing changes what trains at every epoch; the other strategies set it once."""
-        trainable = strategies.apply(self.strategy, module.model, epoch)
-        if trainable == self.trainable_groups:
-            return None
-        self.trainable_groups = trainable
-        groups = len(module.model.layer_groups()) if self.strategy.name != "lora" else 0
-        what = "all layer groups" if len(trainable) == groups else (f"layer groups {trainable[0]}-{trainable[-1]} of 0-{groups - 1}" if trainable else "no layer group")
-        return f"{self.strategy} trains the new task layers and {what} ({strategies.describe(module)})"
+        """Gradual unfreezing changes what trains at every epoch (paced by ``trainer.epochs``); the other
+        strategies set it once.  A linear probe on cached features is fitted here, at the start of epoch 0."""
+        per_stage = strategies.stages(self.strategy, module.model, self.epochs)
+        trainable = strategies.apply(self.strategy, module.model, epoch, per_stage)
+        notes = []
+        if trainable != self.trainable_groups:
+            self.trainable_groups = trainable
+            groups = len(module.model.layer_groups()) if self.strategy.name != "lora" else 0
+            what = "all layer groups" if len(trainable) == groups else (f"layer groups {trainable[0]}-{trainable[-1]} of 0-{groups - 1}" if trainable else "no layer group")
+            notes.append(f"{self.strategy} trains the new task layers and {what} ({strategies.describe(module)})")
+        if self.probe_data is not None and not self.fitted and epoch == 0:  # a resumed run past epoch 0 loaded the fitted head
+            notes.append(self._fit_probe(module.model))
+        return "; ".join(notes) or None
+
+    def _fit_probe(self, model: Classifier) -> str:
+        """Fit the linear head on the cached training features (:func:`pretune.strategies.fit_probe`) and write it into the model."""
+        train = self.probe_data
+        fit = strategies.fit_probe(self.head, train.columns["features"], train.columns["labels"], weights=self.class_weights,
+                                   names=self.label_names, threshold=self.cfg.threshold, seed=self.seed)
+        layer = model.linear_head()
+        with torch.no_grad():
+            layer.weight.copy_(fit.weight.to(layer.weight))
+            layer.bias.copy_(fit.bias.to(layer.bias))
+        self.fitted = True
+        metric = self.head.monitor[0]
+        chosen = (f"C={fit.C:g} chosen by {fit.folds}-fold cross-validation on them ({metric} per C: "
+                  f"{', '.join(f'{c:g}: {v:.4g}' for c, v in fit.scores.items())}; C=1 unless beaten by one standard error)"
+                  if fit.scores else "C=1 (too few examples to cross-validate)")
+        how = "ridge regression" if self.head.name == "regression" else f"L-BFGS ({fit.iterations} iterations)"
+        return f"linear probe fitted by {how} on {len(train)} cached examples, {chosen}; the loop's steps leave it unchanged (lr 0)"
 
     def lr_scales(self, module: FineTuneModel) -> dict[str, float]:
-        return {f"model.{n}": s for n, s in strategies.lr_scales(self.strategy, module.model, self.head_lr_scale).items()}
+        scales = strategies.lr_scales(self.strategy, module.model, self.head_lr_scale)
+        if self.probe_data is not None:  # the head is fitted to convergence at the start of training: the loop leaves it
+            scales = dict.fromkeys(scales, 0.0)
+        return {f"model.{n}": s for n, s in scales.items()}
 
     def _class_weights(self, data: RunData) -> torch.Tensor | None:
         if self.cfg.class_weights is None:
@@ -177,13 +223,25 @@ class Finetune(Task):
 
     # -- cached features ----------------------------------------------------------------------------
     def prepare(self, module: FineTuneModel, data: RunData, device: torch.device, precision: str) -> RunData:
-        """Linear probe: encode train/validation once with the frozen backbone; the head trains on the features."""
+        """Linear probe: encode train/validation once with the frozen backbone; the head trains (or is
+        fitted, ``task.probe: lbfgs``) on the features.  ``task.cache_features=false`` keeps the loop's
+        steps on the raw data (the fit still reads the features)."""
         self.data = data
-        if not (self.strategy.frozen_backbone and self.cfg.cache_features and module.model.supports_cache(self.head)):
+        if not (self.strategy.frozen_backbone and module.model.supports_cache(self.head)):
+            return data
+        fit = self.fits_probe and module.model.linear_head() is not None
+        if self.fits_probe and not fit:
+            print(f"pretune: note: task.probe=lbfgs needs a head that is one linear layer; {type(module.model).__name__} "
+                  "trains its head with the loop (task.probe=sgd)", file=sys.stderr, flush=True)
+        if not (fit or self.cfg.cache_features):
             return data
         module.to(device)
-        train, validation = (None if split is None else self._encode(module.model, split, device, precision)
-                             for split in (data.train, data.validation))
+        train = self._encode(module.model, data.train, device, precision)
+        if fit:
+            self.probe_data = train
+        if not self.cfg.cache_features:
+            return data
+        validation = None if data.validation is None else self._encode(module.model, data.validation, device, precision)
         return RunData(**{**vars(data), "train": train, "validation": validation})
 
     @torch.no_grad()
@@ -209,8 +267,10 @@ class Finetune(Task):
 
     def save(self, module: FineTuneModel, path: Path, data: RunData) -> None:
         self.backbone.save(module.model, path, data)
-        meta = {"task": self.cfg.name, "kind": self.head.name, "family": self.backbone.name,
-                "label_names": self.label_names, "threshold": self.cfg.threshold, "head_dropout": self.cfg.head_dropout, **data.meta}
+        family = path / "pretune.json"  # keys the family wrote itself (a text classifier's pooling)
+        meta = {**(json.loads(family.read_text()) if family.is_file() else {}),
+                "task": self.cfg.name, "kind": self.head.name, "family": self.backbone.name, "label_names": self.label_names,
+                "threshold": self.cfg.threshold, "head_dropout": self.cfg.head_dropout, **data.meta}
         (path / "pretune.json").write_text(json.dumps(meta, indent=2))
 
 

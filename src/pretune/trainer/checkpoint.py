@@ -162,8 +162,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def copy_atomically(source: Path, target: Path) -> None:
-    """Copy ``source/model`` to ``target`` through a temporary folder."""
-    write_atomically(target, lambda tmp: [shutil.copy2(f, tmp / f.name) for f in sorted((source / "model").iterdir()) if f.is_file()])
+    """Copy ``source/model`` (sub-folders too: sentence-transformers' ``1_Pooling/``) to ``target`` through a temporary folder."""
+    write_atomically(target, lambda tmp: shutil.copytree(source / "model", tmp, dirs_exist_ok=True))
 
 
 def load_module(checkpoint: Path, module: torch.nn.Module) -> None:

@@ -90,7 +90,7 @@ def fit(task: Task, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path,
             f"{len(data.train)} training examples do not fill one step of batch_size {cfg.batch_size} x accumulate "
             f"{cfg.accumulate} x {world.size} process(es); lower trainer.batch_size or add data"
         )
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch), cfg.min_steps or 0)
     max_time = cfg.max_time  # seconds of training, resumed runs included (TrainerConfig.max_time)
 
     trainer = Trainer(task, module, recipe, world, total_steps, run_dir)
@@ -100,7 +100,9 @@ def fit(task: Task, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path,
         trainer.load_state_dict(state)
         progress = Progress(**state["progress"])
     monitor, mode = _monitor(task, cfg)
-    eval_every = steps_per_epoch if cfg.eval_every == "epoch" else cfg.eval_every
+    # trainer.min_steps stretches a small budget; it still evaluates as often as its `epochs` say
+    epoch_steps = max(steps_per_epoch, total_steps // math.ceil(cfg.epochs)) if not cfg.max_steps else steps_per_epoch
+    eval_every = epoch_steps if cfg.eval_every == "epoch" else cfg.eval_every
 
     log = RunLogger(run_dir, world.main, total_steps, progress.step, cfg.progress, cfg.tensorboard)
     peak = measure_peak(torch.bfloat16 if trainer.precision == "bf16" else torch.float32, world.device) if world.main else 0.0
