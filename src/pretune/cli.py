@@ -1,10 +1,12 @@
-"""``pretune`` command line: pretrain, finetune, evaluate, predict, generate, compare, search, report, demo.
+"""``pretune`` command line: pretrain, finetune, evaluate, predict, generate, export, serve, compare, search, report, demo.
 
     pretune pretrain recipes/text-mlm.yaml data.files='corpus/*.txt' run_dir=runs/mlm
     pretune finetune recipes/text-classify.yaml model=runs/mlm/model data.train=train.csv strategy=linear-probe
     pretune evaluate runs/clf/model data=test.csv
     pretune predict runs/clf/model input.jsonl --out predictions.jsonl
     pretune generate runs/clm/model --prompt 'Return the'
+    pretune export runs/clf/model --format onnx --int8 --out runs/clf/onnx
+    pretune serve runs/clf/model --port 8000
     pretune compare recipes/study-text.yaml model=runs/mlm/model data.train=train.csv data.test=test.csv budgets=[0.1,1.0]
     pretune search recipes/text-classify.yaml model=runs/mlm/model data.train=train.csv trials=30
     pretune report runs/mlm
@@ -102,6 +104,26 @@ def _parser() -> argparse.ArgumentParser:
                                                      "space.strategy=[full,linear-probe,llrd,lora] model=PATH data.train=FILE ...")
     search.add_argument("--overwrite", action="store_true", help="start again instead of continuing the search in run_dir")
 
+    export = sub.add_parser(
+        "export", help="export a fine-tuned model to ONNX (optionally int8), checking that it predicts as the original",
+        epilog="example: pretune export runs/clf/model --format onnx --int8 --out runs/clf/onnx")
+    export.add_argument("model", help="a fine-tuned model folder (RUN_DIR/model)")
+    export.add_argument("--format", default="onnx", choices=["onnx"], help="the export format (default: %(default)s)")
+    export.add_argument("--int8", action="store_true", help="also quantise the weights to int8 (ONNX Runtime dynamic quantisation); "
+                                                             "the validation accuracy before and after is measured and printed")
+    export.add_argument("--out", help="the folder to write (default: MODEL's sibling 'onnx', or 'onnx-int8' with --int8)")
+    export.add_argument("--data", help="labelled data for the parity and accuracy check (default: the run's validation split)")
+    export.add_argument("--trust-pickle", action="store_true", help=TRUST_HELP)
+
+    serve = sub.add_parser("serve", help="serve a fine-tuned model over HTTP: a JSON API at /predict and a page to try it at /",
+                           epilog="example: pretune serve runs/clf/model --port 8000; "
+                                  "curl -s localhost:8000/predict -d '{\"inputs\": [\"great film\"]}'")
+    serve.add_argument("model", help="a fine-tuned model folder (RUN_DIR/model) or an exported ONNX folder")
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: %(default)s; 0.0.0.0 for every interface)")
+    serve.add_argument("--port", type=int, default=8000, help="the port (default: %(default)s)")
+    serve.add_argument("--max-batch", type=int, default=32, help="requests arriving together are predicted in batches of up to this many inputs")
+    serve.add_argument("--trust-pickle", action="store_true", help=TRUST_HELP)
+
     report = sub.add_parser("report", help="write report.html / report.md with plots for a run or study directory")
     report.add_argument("run_dir", help="a run directory (with metrics.jsonl) or a study directory (with study.json); "
                                         "finished or not")
@@ -181,6 +203,15 @@ def main(argv: list[str] | None = None) -> int:
 
             count = predict_file(args.model, args.inputs, args.out, args.column, args.batch_size)
             print(f"{count} predictions written to {args.out}")
+        elif args.command == "export":
+            from pretune.export import export
+
+            done = export(args.model, args.out, int8=args.int8, data=args.data)
+            print(done.summary())
+        elif args.command == "serve":
+            from pretune.serve import run
+
+            run(args.model, host=args.host, port=args.port, max_batch=args.max_batch)
         elif args.command == "generate":
             from pretune.predict import Generator
 

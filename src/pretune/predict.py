@@ -7,7 +7,9 @@ reading raw inputs differs by modality: text is tokenised (a Hugging Face folder
 ``AutoModelForSequenceClassification`` loads with the same predictions); images and vectors are
 read with the training readers at the model's input shape.
 
-A causal language model (``clm``) loads as a :class:`Generator` instead: ``generate(prompt)``.
+A folder written by ``pretune export`` (ONNX) loads as the same :class:`Predictor`, its model run by
+ONNX Runtime (:mod:`pretune.onnx_engine`).  A causal language model (``clm``) loads as a
+:class:`Generator` instead: ``generate(prompt)``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from pretune.data.images import BUILTIN_DIGITS, EXTENSIONS, list_images, load_di
 from pretune.data.labelled import LabelledDataConfig, not_in_map, read_labelled
 from pretune.data.vectors import read_vectors
 from pretune.errors import CheckpointError, DataError
+from pretune.onnx_engine import is_exported, load_onnx
 from pretune.safeload import check_model_folder, pickle_trusted
 
 
@@ -69,9 +72,14 @@ class Predictor:
         self.labels: list[str] = [str(name) for name in self.meta.get("label_names") or []]
         self.kind = self.head.name
         self.device = _device(device)
-        family = for_folder(self.path)
-        self.modality = family.modality
-        self.model, inputs = family.load_classifier(self.path, self.meta, self.device)
+        if is_exported(self.meta):  # pretune export: the same predictions from ONNX Runtime
+            self.device = torch.device("cpu")
+            self.modality = "text" if self.meta.get("modality") == "text" else "array"
+            self.model, inputs = load_onnx(self.path, self.meta)
+        else:
+            family = for_folder(self.path)
+            self.modality = family.modality
+            self.model, inputs = family.load_classifier(self.path, self.meta, self.device)
         if self.modality == "text":
             self.tokenizer = inputs
         else:
@@ -364,19 +372,48 @@ def evaluate_file(model_dir: str, data_file: str, out: str | None = None, batch_
     predictor = load(model_dir)
     if isinstance(predictor, Generator):
         raise DataError(f"{model_dir}: a causal language model has no labels to evaluate; see the perplexity in its run's metrics")
+    scores = score_examples(predictor, labelled_examples(predictor, data_file, classes=classes, label=label, bad_files=bad_files),
+                            batch_size, progress=True)
+    if out:
+        Path(out).write_text(json.dumps(scores, indent=2))
+    return scores
+
+
+@dataclass
+class Examples:
+    """Labelled examples read for a model: texts (and pairs) or an array ``[N, *input_shape]``, and the encoded truth."""
+
+    inputs: Any
+    pairs: list | None
+    truth: list
+
+    def __len__(self) -> int:
+        return len(self.truth)
+
+    def head(self, n: int) -> Examples:
+        return Examples(self.inputs[:n], self.pairs[:n] if self.pairs else None, self.truth[:n])
+
+
+def labelled_examples(predictor: Predictor, data_file: str, *, classes: list[str] | None = None, label: str | None = None,
+                      bad_files: str = "skip") -> Examples:
+    """The examples of a labelled file with the model's training columns (text), or of a labelled image
+    folder / vector file, with their labels encoded in the model's label map."""
     names = predictor.labels
     if predictor.modality == "text":
         meta = predictor.meta
         cfg = LabelledDataConfig(train=data_file, text=meta.get("text", "text"), text_pair=meta.get("text_pair"),
                                  label=meta.get("label", "label"), max_length=meta.get("max_length", 128))
         table = read_labelled(data_file, cfg, predictor.head, names)
-        pairs = list(table[cfg.text_pair]) if cfg.text_pair else None
-        results = predictor.predict(list(table[cfg.text]), pairs, batch_size=batch_size, progress=True)
-        scores = predictor.head.score_decoded(list(table["labels"]), results, names)
-    else:
-        read = predictor.read(data_file, labelled=True, classes=classes, bad_files=bad_files, label=label)
-        truth = encode_labels(read.keys, names, data_file, not_in_map(names))  # a class the model does not know: one line naming it
-        scores = predictor.head.score([predictor.logits(read.x, batch_size, progress=True)], [truth], names)
-    if out:
-        Path(out).write_text(json.dumps(scores, indent=2))
-    return scores
+        return Examples(list(table[cfg.text]), list(table[cfg.text_pair]) if cfg.text_pair else None, list(table["labels"]))
+    read = predictor.read(data_file, labelled=True, classes=classes, bad_files=bad_files, label=label)
+    return Examples(read.x, None, encode_labels(read.keys, names, data_file, not_in_map(names)).tolist())  # unknown class: one line naming it
+
+
+def score_examples(predictor: Predictor, examples: Examples, batch_size: int = 32, progress: bool = False) -> dict[str, Any]:
+    """All metrics of the model's predictions on labelled examples."""
+    names = predictor.labels
+    if predictor.modality == "text":
+        results = predictor.predict(examples.inputs, examples.pairs, batch_size=batch_size, progress=progress)
+        return predictor.head.score_decoded(examples.truth, results, names)
+    truth = torch.as_tensor(np.asarray(examples.truth))
+    return predictor.head.score([predictor.logits(examples.inputs, batch_size, progress)], [truth], names)

@@ -23,6 +23,7 @@ import torch
 import pretune.backbones  # noqa: F401  (registers the backbone families)
 import pretune.tasks  # noqa: F401  (registers the built-in tasks)
 from pretune.backbones.base import Backbone, resolve
+from pretune.card import write_card
 from pretune.data import readers
 from pretune.data.readers import RunData
 from pretune.errors import CheckpointError, DistributedError, RecipeError, ResourceError, UnsafeFileError
@@ -130,6 +131,8 @@ def _train(plan: Plan, recipe: Recipe, resume: bool, overwrite: bool, on_eval: A
     test_file = getattr(plan.data, "test", None)
     if test_file and world.main:  # the held-out test set, scored once with the final (best) model
         metrics = {**metrics, **{f"test_{k}": v for k, v in score_test(run_dir, test_file, plan, quiet=quiet).items()}}
+    if world.main and (run_dir / "model").is_dir():
+        write_card(run_dir / "model", recipe, metrics)
     return RunResult(run_dir, metrics)
 
 

@@ -102,6 +102,8 @@ def test_text_study_end_to_end_and_resume(tmp_path, tiny_encoder, topics, monkey
     md = (study_dir / "report.md").read_text()
     assert "![" in md and all((study_dir / p).is_file() for p in ["plots/label-efficiency.png", "plots/confusion-matrix.png"])
     assert result.headline in html
+    card = (cells / "scratch_budget-0.5_seed-1" / "model" / "README.md").read_text()  # each cell's card names its study
+    assert card.count("## Study") == 1 and f"Did pretraining pay off? {result.headline}" in card and "seed 1" in card
 
     # resuming: finished cells are not run again; a cell without cell.json is
     calls = []

@@ -33,6 +33,7 @@ from typing import Any
 
 from pydantic import field_validator
 
+from pretune.card import add_section
 from pretune.data.labelled import check_budget
 from pretune.errors import CheckpointError, RecipeError
 from pretune.recipe import Recipe, Section, apply_overrides, read_yaml, validate
@@ -151,6 +152,10 @@ def finish(study_dir: Path, study: StudyConfig, metric: str, mode: str, rows: li
         {"metric": metric, "mode": mode, "study": study.model_dump(), "headline": headline, "matches": matches,
          "summary": summary, "cells": rows}, indent=1))
     result = StudyResult(study_dir, metric, mode, rows, summary, headline, matches)
+    for row in rows:  # every cell's model card says which study it belongs to and what the study concluded
+        add_section(Path(row["run_dir"]) / "model", "Study", [
+            f"One cell of the label-efficiency study `{study_dir}` ({row['arm']}, {budget_label(row['budget'])} of the labels, "
+            f"seed {row['seed']}; `{study_dir / 'report.html'}`).", "", f"Did pretraining pay off? {headline}"])
     if report:
         result.report = study_report(study_dir)
     print(f"headline: {headline}")
