@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from pretune.errors import RecipeError
 
@@ -86,10 +87,23 @@ class TrainerConfig(Section):
     save_every: int = Field(500, ge=1)
     keep_last: int = Field(2, ge=1)
     progress: bool = True
-    tensorboard: bool = True
+    tensorboard: bool = True  # false removes tensorboard from report_to (older recipes say trainer.tensorboard=false)
+    report_to: list[str] = Field(["tensorboard"], validate_default=True)  # tensorboard, mlflow, wandb (trainer/tracking.py)
     threads: int | None = Field(None, ge=1)
     on_nan: Literal["stop", "skip"] = "stop"  # a non-finite loss or gradient: stop, or skip that optimizer step
     max_nan_skips: int = Field(5, ge=1)  # on_nan=skip: stop after this many skipped steps in a row
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers(cls, value: Any, info: ValidationInfo) -> list[str]:
+        """Known tracker names, once each, their packages installed; ``tensorboard: false`` (validated
+        before this field) takes tensorboard out (:func:`pretune.trainer.tracking.resolve`)."""
+        from pretune.trainer.tracking import resolve  # no tracker package is imported before a run starts
+
+        try:
+            return resolve(value, tensorboard=info.data.get("tensorboard") is not False)
+        except ValueError as exc:
+            raise PydanticCustomError("report_to", "{why}", {"why": str(exc)}) from None
 
 
 STRATEGIES = ("full", "linear-probe", "freeze-bottom", "gradual-unfreeze", "llrd", "lora")

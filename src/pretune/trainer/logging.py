@@ -1,4 +1,5 @@
-"""Where numbers go: a JSONL file, TensorBoard event files, a progress bar (main process only)."""
+"""Where numbers go: a JSONL file, a progress bar and the trackers of ``trainer.report_to`` (TensorBoard,
+MLflow, W&B: :mod:`pretune.trainer.tracking`), on the main process only."""
 
 from __future__ import annotations
 
@@ -7,25 +8,31 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
+from pretune.trainer import tracking
+
 
 class RunLogger:
-    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, start_step: int, progress: bool, tensorboard: bool):
-        self.enabled = enabled
+    """``report_to``: tracker names (``trainer.report_to``); ``config``: the resolved recipe they record.
+    A tracker that raises prints one warning line and is dropped; the run goes on."""
+
+    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, start_step: int, progress: bool,
+                 report_to: Sequence[str] = ("tensorboard",), config: dict[str, Any] | None = None):
+        self.enabled, self.run_dir = enabled, run_dir
         self.start = time.perf_counter()
         self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if enabled else None
-        self.writer = None
-        if enabled and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(run_dir / "tb"))
         self.bar = None
         if enabled and progress:
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                             mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
+        self.trackers = tracking.create(list(report_to), run_dir, resumed=start_step > 0) if enabled else []
+        self._fan_out("start", config or {})
+        for tracker in self.trackers:
+            if tracker.where:
+                self.print(tracker.where)
 
     def log(self, step: int, split: str, values: dict[str, Any]) -> None:
         if not self.enabled:
@@ -33,10 +40,9 @@ class RunLogger:
         row = {"step": step, "split": split, "time": round(time.perf_counter() - self.start, 3), **values}
         self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
-        if self.writer is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self.writer.add_scalar(f"{split}/{key}", value, step)
+        numbers = {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        if numbers:
+            self._fan_out("log", step, split, numbers)
         if split != "train":
             self.print(f"step {step} {split}: " + "  ".join(f"{k} {_fmt(v)}" for k, v in values.items()))
 
@@ -47,6 +53,7 @@ class RunLogger:
         row = {"step": step, "split": split, "time": round(time.perf_counter() - self.start, 3), "message": message, **values}
         self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
+        self._fan_out("note", step, split, message)
         self.print(message)
 
     def progress(self, step: int, postfix: dict[str, Any]) -> None:
@@ -64,12 +71,29 @@ class RunLogger:
             print(text, file=sys.stderr, flush=True)
 
     def close(self) -> None:
+        """The final model folder (if any) goes to the trackers, then everything is closed."""
+        if (self.run_dir / "model").is_dir():
+            self._fan_out("artifact", self.run_dir / "model")
+        self._fan_out("close")
         if self.bar is not None:
             self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
         if self.jsonl is not None:
             self.jsonl.close()
+
+    def _fan_out(self, method: str, *args: Any) -> None:
+        """``tracker.method(*args)`` on every tracker; one that raises is closed, dropped and named in one line."""
+        for tracker in list(self.trackers):
+            try:
+                getattr(tracker, method)(*args)
+            except Exception as exc:  # noqa: BLE001 - a tracker never stops training
+                self.trackers.remove(tracker)
+                reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+                self.print(f"warning: {tracker.name} failed ({method}: {reason}); it is off for the rest of the run, training goes on")
+                if method != "close":
+                    try:
+                        tracker.close()
+                    except Exception:  # noqa: BLE001 - it already failed once
+                        pass
 
 
 def name_metrics(means: dict[str, float], task: Any) -> dict[str, float]:

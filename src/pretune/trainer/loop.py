@@ -104,7 +104,7 @@ def fit(task: Task, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path,
     epoch_steps = max(steps_per_epoch, total_steps // math.ceil(cfg.epochs)) if not cfg.max_steps else steps_per_epoch
     eval_every = epoch_steps if cfg.eval_every == "epoch" else cfg.eval_every
 
-    log = RunLogger(run_dir, world.main, total_steps, progress.step, cfg.progress, cfg.tensorboard)
+    log = RunLogger(run_dir, world.main, total_steps, progress.step, cfg.progress, cfg.report_to, recipe.model_dump(mode="json"))
     peak = measure_peak(torch.bfloat16 if trainer.precision == "bf16" else torch.float32, world.device) if world.main else 0.0
     total, trainable = sum(p.numel() for p in module.parameters()), sum(p.numel() for p in module.parameters() if p.requires_grad)
     log.print(
