@@ -363,17 +363,23 @@ def write_predictions(out: str, rows: list[dict[str, Any]], labels: list[str]) -
 
 
 def evaluate_file(model_dir: str, data_file: str, out: str | None = None, batch_size: int = 32, *,
-                  classes: list[str] | None = None, label: str | None = None, bad_files: str = "skip") -> dict[str, Any]:
+                  classes: list[str] | None = None, label: str | None = None, bad_files: str = "skip",
+                  predictions_out: str | None = None) -> dict[str, Any]:
     """Metrics of a fine-tuned model on a labelled file with the same columns as its training data
     (an image / vector classifier: a folder with one sub-folder per class, or a labelled vector file).
 
     Image / vector models only: ``classes`` keeps the examples of these classes (as ``data.classes``),
-    ``label`` names the label column of a vector file, ``bad_files`` as ``data.bad_files``."""
+    ``label`` names the label column of a vector file, ``bad_files`` as ``data.bad_files``.
+    ``predictions_out``: a single-label classifier also writes each example's true and predicted class
+    ids there, in file order (studies resample test examples with them: :mod:`pretune.studies.stats`)."""
     predictor = load(model_dir)
     if isinstance(predictor, Generator):
         raise DataError(f"{model_dir}: a causal language model has no labels to evaluate; see the perplexity in its run's metrics")
-    scores = score_examples(predictor, labelled_examples(predictor, data_file, classes=classes, label=label, bad_files=bad_files),
-                            batch_size, progress=True)
+    examples = labelled_examples(predictor, data_file, classes=classes, label=label, bad_files=bad_files)
+    scores = score_examples(predictor, examples, batch_size, progress=True, keep=predictions_out is not None)
+    predicted = scores.pop("predicted", None)
+    if predictions_out and predicted is not None:
+        Path(predictions_out).write_text(json.dumps({"truth": [int(t) for t in examples.truth], "predicted": predicted}))
     if out:
         Path(out).write_text(json.dumps(scores, indent=2))
     return scores
@@ -409,11 +415,17 @@ def labelled_examples(predictor: Predictor, data_file: str, *, classes: list[str
     return Examples(read.x, None, encode_labels(read.keys, names, data_file, not_in_map(names)).tolist())  # unknown class: one line naming it
 
 
-def score_examples(predictor: Predictor, examples: Examples, batch_size: int = 32, progress: bool = False) -> dict[str, Any]:
-    """All metrics of the model's predictions on labelled examples."""
+def score_examples(predictor: Predictor, examples: Examples, batch_size: int = 32, progress: bool = False,
+                   keep: bool = False) -> dict[str, Any]:
+    """All metrics of the model's predictions on labelled examples; ``keep``: a single-label classifier's
+    predicted class ids too (under ``"predicted"``)."""
     names = predictor.labels
+    keep = keep and predictor.kind == "single"
     if predictor.modality == "text":
         results = predictor.predict(examples.inputs, examples.pairs, batch_size=batch_size, progress=progress)
-        return predictor.head.score_decoded(examples.truth, results, names)
+        scores = predictor.head.score_decoded(examples.truth, results, names)
+        return {**scores, "predicted": [names.index(r["label"]) for r in results]} if keep else scores
     truth = torch.as_tensor(np.asarray(examples.truth))
-    return predictor.head.score([predictor.logits(examples.inputs, batch_size, progress)], [truth], names)
+    logits = predictor.logits(examples.inputs, batch_size, progress)
+    scores = predictor.head.score([logits], [truth], names)
+    return {**scores, "predicted": predictor.head.predictions(logits).tolist()} if keep else scores

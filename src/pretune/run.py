@@ -221,7 +221,8 @@ def score_test(run_dir: Path, test_file: str, plan: Plan | None = None, quiet: b
     options = {}
     if plan is not None and plan.backbone.modality == "array":
         options = {k: getattr(plan.data, k) for k in ("classes", "label", "bad_files")}
-    scores = evaluate_file(str(run_dir / "model"), test_file, out=str(run_dir / "test_metrics.json"), **options)
+    scores = evaluate_file(str(run_dir / "model"), test_file, out=str(run_dir / "test_metrics.json"),
+                           predictions_out=str(run_dir / "test_predictions.json"), **options)
     scalars = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
     with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
         handle.write(json.dumps({"step": None, "split": "test", **scalars}) + "\n")

@@ -80,6 +80,10 @@ def test_text_study_end_to_end_and_resume(tmp_path, tiny_encoder, topics, monkey
     for row in rows:
         assert float(row["score"]) == pytest.approx(json.load(open(f"{row['run_dir']}/test_metrics.json"))["accuracy"])
         assert float(row["flops"]) > 0 and float(row["wall_s"]) > 0
+    # 95% intervals from each cell's per-example test predictions, and a headline that says what they support
+    assert all(s["low"] <= s["mean"] <= s["high"] for s in result.summary)
+    assert all(json.load(open(f"{row['run_dir']}/test_predictions.json"))["truth"] for row in rows)
+    assert "95% interval" in result.headline or "never matches" in result.headline
     # mean ± std against a direct computation from results.csv
     for s in result.summary:
         scores = [float(r["score"]) for r in rows if r["arm"] == s["arm"] and float(r["budget"]) == s["budget"]]

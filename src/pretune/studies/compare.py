@@ -38,6 +38,7 @@ from pretune.data.labelled import check_budget
 from pretune.errors import CheckpointError, RecipeError
 from pretune.recipe import Recipe, Section, apply_overrides, read_yaml, validate
 from pretune.studies.report import budget_label, read_metrics, study_report
+from pretune.studies.stats import Bootstrap
 
 STUDY_FIELDS = ("budgets", "seeds", "strategies", "scratch")
 
@@ -145,8 +146,9 @@ def run_study(raw: dict[str, Any], study: StudyConfig, *, report: bool = True, o
 
 def finish(study_dir: Path, study: StudyConfig, metric: str, mode: str, rows: list[dict], report: bool = True) -> StudyResult:
     """Aggregate the cells, write results.csv and study.json, and (optionally) the report."""
-    summary = summarise(rows)
-    headline, matches = find_headline(summary, mode, study.budgets)
+    boot = Bootstrap(rows, metric)
+    summary = summarise(rows, boot)
+    headline, matches = find_headline(summary, mode, study.budgets, rows, boot)
     write_results(study_dir / "results.csv", rows)
     (study_dir / "study.json").write_text(json.dumps(
         {"metric": metric, "mode": mode, "study": study.model_dump(), "headline": headline, "matches": matches,
@@ -206,23 +208,34 @@ def logged_compute(history: list[dict[str, Any]]) -> dict[str, Any]:
             "steps": max([r["step"] for r in train], default=0)}
 
 
-def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and sample standard deviation (n - 1; 0 for one seed) of the score per (arm, budget)."""
-    groups: dict[tuple[str, Any], list[dict]] = {}
-    for row in rows:
-        groups.setdefault((row["arm"], row["budget"]), []).append(row)
+def summarise(rows: list[dict[str, Any]], boot: Bootstrap | None = None) -> list[dict[str, Any]]:
+    """Mean, sample standard deviation (n - 1; 0 for one seed) and, with ``boot``, the 95% interval
+    (``low``, ``high``; None from one seed without per-example predictions) of the score per (arm, budget)."""
     out = []
-    for (arm, budget), members in groups.items():
+    for (arm, budget), members in _groups(rows).items():
         scores = [r["score"] for r in members]
-        out.append({"arm": arm, "budget": budget, "mean": statistics.fmean(scores),
-                    "std": statistics.stdev(scores) if len(scores) > 1 else 0.0, "n": len(scores),
-                    "wall_s": sum(r["wall_s"] for r in members), "flops": sum(r["flops"] for r in members)})
+        entry = {"arm": arm, "budget": budget, "mean": statistics.fmean(scores),
+                 "std": statistics.stdev(scores) if len(scores) > 1 else 0.0, "n": len(scores),
+                 "wall_s": sum(r["wall_s"] for r in members), "flops": sum(r["flops"] for r in members)}
+        if boot is not None:
+            entry["low"], entry["high"] = boot.interval(members) or (None, None)
+        out.append(entry)
     return out
 
 
-def find_headline(summary: list[dict[str, Any]], mode: str, budgets: list) -> tuple[str, dict[str, Any]]:
-    """The smallest budget at which each pretrained arm's mean matches scratch at the largest budget."""
+def _groups(rows: list[dict[str, Any]]) -> dict[tuple[str, Any], list[dict]]:
+    groups: dict[tuple[str, Any], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["arm"], row["budget"]), []).append(row)
+    return groups
+
+
+def find_headline(summary: list[dict[str, Any]], mode: str, budgets: list, rows: list[dict[str, Any]] | None = None,
+                  boot: Bootstrap | None = None) -> tuple[str, dict[str, Any]]:
+    """The smallest budget at which each pretrained arm's mean matches scratch at the largest budget; with
+    the cells (``rows``) and a :class:`Bootstrap`, each claim says whether its difference is outside the noise."""
     means = {(s["arm"], s["budget"]): s["mean"] for s in summary}
+    groups = _groups(rows) if rows is not None and boot is not None else {}
     top = max(budgets)
     if ("scratch", top) not in means:
         return "no scratch arm: nothing to compare with", {}
@@ -235,12 +248,25 @@ def find_headline(summary: list[dict[str, Any]], mode: str, budgets: list) -> tu
         hit = next((b for b in sorted(budgets) if (arm, b) in means and better(means[(arm, b)], reference)), None)
         matches[arm] = hit
         if hit is not None:
-            parts.append(f"{arm} + {budget_label(hit)} labels: {means[(arm, hit)]:.3f} vs {scratch}")
+            parts.append(f"{arm} + {budget_label(hit)} labels: {means[(arm, hit)]:.3f} vs {scratch}"
+                         + (_noise(boot.difference(groups[(arm, hit)], groups[("scratch", top)]), mode) if groups else ""))
         else:
             best = (max if mode == "max" else min)(means[(arm, b)] for b in budgets if (arm, b) in means)
             parts.append(f"{arm} never matches {scratch} (its best: {best:.3f})")
     headline = "; ".join(parts)
     return headline, matches
+
+
+def _noise(diff: dict[str, Any], mode: str) -> str:
+    """`` (difference +0.012, 95% interval -0.008 to +0.031: inside the noise)`` for a headline claim."""
+    if diff["low"] is None:
+        return " (one seed: no interval; run seeds=3 to know whether this is noise)"
+    if diff["inside_noise"]:
+        verdict = "inside the noise: as good as, not better than"
+    else:
+        clearly = (diff["low"] > 0) == (mode == "max")
+        verdict = "outside the noise: better" if clearly else "outside the noise: worse"
+    return f" (difference {diff['difference']:+.3f}, 95% interval {diff['low']:+.3f} to {diff['high']:+.3f}: {verdict})"
 
 
 COLUMNS = ["arm", "strategy", "pretrained", "budget", "seed", "metric", "score", "scored_on", "wall_s", "flops", "steps", "run_dir"]

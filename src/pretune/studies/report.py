@@ -209,7 +209,8 @@ def study_report(study_dir: str | Path) -> Path:
     scored = {c["scored_on"] for c in cells}
     report.text(f"{len(cells)} fine-tuning runs; metric: {metric} on the "
                 + (" and ".join(sorted(scored)) + " set" if scored else "held-out set")
-                + f" ({'higher' if study['mode'] == 'max' else 'lower'} is better); mean ± standard deviation over seeds.")
+                + f" ({'higher' if study['mode'] == 'max' else 'lower'} is better); mean ± standard deviation over seeds, "
+                "and the 95% interval of the mean (bootstrap over seeds and test examples; see docs/study.md).")
 
     arms = list(dict.fromkeys(s["arm"] for s in summary))
     budgets = sorted({s["budget"] for s in summary})
@@ -223,8 +224,7 @@ def study_report(study_dir: str | Path) -> Path:
         report.text("Tied (equal means to 4 decimals; their points are drawn side by side): "
                     + "; ".join(f"{', '.join(tied)} at {budget_label(budget)} ({mean:.4f})" for budget, mean, tied in ties) + ".")
     report.table(["arm", *[budget_label(b) for b in budgets]],
-                 [[arm, *[(f"{by[(arm, b)]['mean']:.4f} ± {by[(arm, b)]['std']:.4f}" if (arm, b) in by else "") for b in budgets]]
-                  for arm in arms])
+                 [[arm, *[(_mean_cell(by[(arm, b)]) if (arm, b) in by else "") for b in budgets]] for arm in arms])
 
     report.heading("training curves")
     figure, sparse = _curves(cells, arms, budgets)
@@ -253,6 +253,12 @@ def study_report(study_dir: str | Path) -> Path:
     report.text(f"compute: {total_wall:.1f}s of wall time and {total_flops / 1e9:.3g} GFLOPs of model FLOPs in all "
                 "(FLOPs as logged by the trainer: the training steps" + _encoding_note(cells) + ").")
     return report.write()
+
+
+def _mean_cell(entry: dict[str, Any]) -> str:
+    """``0.8123 ± 0.0100 [0.7950, 0.8290]``: mean ± std over seeds, then the 95% interval when there is one."""
+    text = f"{entry['mean']:.4f} ± {entry['std']:.4f}"
+    return text + (f" [{entry['low']:.4f}, {entry['high']:.4f}]" if entry.get("low") is not None else "")
 
 
 def tied_arms(summary: list[dict[str, Any]]) -> list[tuple[Any, float, list[str]]]:
