@@ -217,8 +217,9 @@ def study_report(study_dir: str | Path) -> Path:
     by = {(s["arm"], s["budget"]): s for s in summary}
 
     report.heading("label efficiency")
-    report.plot("label-efficiency", _efficiency(by, arms, budgets, metric),
-                f"{metric} vs label budget, one line per arm (error bars: std over seeds)")
+    report.plot("label-efficiency", _efficiency(by, arms, budgets, metric, study.get("curves") or {}),
+                f"{metric} vs label budget, one line per arm (error bars: std over seeds; dashed: the fitted "
+                "saturating power law a - b·x^-c, with three budgets or more)")
     ties = tied_arms(summary)
     if ties:
         report.text("Tied (equal means to 4 decimals; their points are drawn side by side): "
@@ -281,13 +282,17 @@ def dodged(budgets: list, number: int, arms: int, log: bool) -> list[float]:
     return [b + shift * span for b in budgets]
 
 
-def _efficiency(by: dict, arms: list[str], budgets: list, metric: str) -> Any:
+def _efficiency(by: dict, arms: list[str], budgets: list, metric: str, curves: dict[str, Any]) -> Any:
     figure, axes = _figure()
     log = len(budgets) > 1 and budgets[-1] / budgets[0] >= 10
+    dense = np.geomspace(budgets[0], budgets[-1], 100) if log else np.linspace(budgets[0], budgets[-1], 100)
     for number, arm in enumerate(arms):
         present = [b for b in budgets if (arm, b) in by]
         axes.errorbar(dodged(present, number, len(arms), log), [by[(arm, b)]["mean"] for b in present],
                       yerr=[by[(arm, b)]["std"] for b in present], marker="o", capsize=4, color=COLORS[number % len(COLORS)], label=arm)
+        if arm in curves:
+            c = curves[arm]
+            axes.plot(dense, c["sign"] * (c["a"] - c["b"] * dense ** -c["c"]), linestyle="--", color=COLORS[number % len(COLORS)])
     if ("scratch", budgets[-1]) in by:
         axes.axhline(by[("scratch", budgets[-1])]["mean"], color="gray", linestyle=":", label=f"scratch at {budget_label(budgets[-1])}")
     if log:
