@@ -61,3 +61,25 @@ def test_a_study_reports_worth_with_an_interval(tmp_path):
     w = found["pretrained full"]
     assert 5 < w["k"] < 20 and w["low"] < w["k"] < w["high"] and w["low"] < 10 < w["high"]
     assert "pretrained full was worth about" in C.worth_text("pretrained full", w) and "95% interval" in C.worth_text("pretrained full", w)
+
+
+def test_cost_accounting_reads_the_pretraining_run_and_states_the_trade_off(tmp_path):
+    import json
+
+    run = tmp_path / "mlm"
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "pretune.json").write_text(json.dumps({"task": "mlm"}))
+    logged = [{"step": 0, "split": "validation", "time": 1.0}, {"step": 10, "split": "train", "time": 60.0, "flops": 2e12},
+              {"step": 20, "split": "train", "time": 120.0, "flops": 2e12},  # killed here, resumed: time restarts
+              {"step": 30, "split": "train", "time": 50.0, "flops": 2e12}, {"step": 30, "split": "validation", "time": 55.0}]
+    (run / "metrics.jsonl").write_text("\n".join(map(json.dumps, logged)))
+    assert C.wall_time(logged) == pytest.approx(175.0)
+    rows = [{"arm": arm, "budget": b, "seed": 0, "flops": 1e9, "wall_s": 2.0, "examples": int(1000 * b)}
+            for arm in ("scratch", "pretrained full") for b in BUDGETS]
+    worth = {"pretrained full": {"k": 10.0}}
+    cost = C.costs(rows, str(run / "model"), worth, BUDGETS)
+    assert cost["pretraining"] == {"run_dir": str(run), "task": "mlm", "flops": 6e12, "wall_s": 175.0, "steps": 30}
+    assert cost["finetuning"]["scratch"] == {"flops": 5e9, "wall_s": 10.0, "cells": 5}
+    assert cost["tradeoff"] == ["0.049 hours and 0.006 PFLOPs of pretraining (mlm) on this machine saved about 900 of 1,000 "
+                                "labels for pretrained full (it needs ~100 to match scratch with all 1,000)"]
+    assert C.costs(rows, None, worth, BUDGETS)["pretraining"] is None

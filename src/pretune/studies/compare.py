@@ -144,10 +144,11 @@ def run_study(raw: dict[str, Any], study: StudyConfig, *, report: bool = True, o
     for number, cell in enumerate(cells, 1):
         print(f"cell {number}/{len(cells)}: {cell.arm}, budget {budget_label(cell.budget)}, seed {cell.seed}")
         rows.append(run_cell(raw, cell, study_dir / "cells", metric))
-    return finish(study_dir, study, metric, mode, rows, report=report)
+    return finish(study_dir, study, metric, mode, rows, report=report, base=recipe.backbone.get("path"))
 
 
-def finish(study_dir: Path, study: StudyConfig, metric: str, mode: str, rows: list[dict], report: bool = True) -> StudyResult:
+def finish(study_dir: Path, study: StudyConfig, metric: str, mode: str, rows: list[dict], report: bool = True,
+           base: str | None = None) -> StudyResult:
     """Aggregate the cells, write results.csv and study.json, and (optionally) the report."""
     boot = Bootstrap(rows, metric)
     summary = summarise(rows, boot)
@@ -155,10 +156,11 @@ def finish(study_dir: Path, study: StudyConfig, metric: str, mode: str, rows: li
     curves, worth = learning_curves(rows, summary, mode, boot)
     if worth:
         headline += "; " + "; ".join(worth_text(arm, w) for arm, w in worth.items())
+    cost = costs(rows, base, worth, study.budgets)
     write_results(study_dir / "results.csv", rows)
     (study_dir / "study.json").write_text(json.dumps(
         {"metric": metric, "mode": mode, "study": study.model_dump(), "headline": headline, "matches": matches,
-         "curves": curves, "worth": worth,
+         "curves": curves, "worth": worth, "cost": cost,
          "summary": summary, "cells": rows}, indent=1))
     result = StudyResult(study_dir, metric, mode, rows, summary, headline, matches)
     for row in rows:  # every cell's model card says which study it belongs to and what the study concluded
@@ -168,6 +170,8 @@ def finish(study_dir: Path, study: StudyConfig, metric: str, mode: str, rows: li
     if report:
         result.report = study_report(study_dir)
     print(f"headline: {headline}")
+    for line in cost["tradeoff"]:
+        print(f"trade-off: {line}")
     return result
 
 
@@ -211,8 +215,53 @@ def logged_compute(history: list[dict[str, Any]]) -> dict[str, Any]:
     a linear probe's one-off encoding of the data by the frozen backbone, when the trainer logs it."""
     train = [r for r in history if r.get("split") == "train"]
     encode = sum(r.get("flops", 0.0) for r in history if r.get("split") == "encode")
+    start = [r for r in history if r.get("split") == "start" and "examples" in r]
     return {"flops": sum(r.get("flops", 0.0) for r in train) + encode, "encode_flops": encode,
-            "steps": max([r["step"] for r in train], default=0)}
+            "steps": max([r["step"] for r in train], default=0), "wall_s_logged": wall_time(history),
+            **({"examples": start[-1]["examples"]} if start else {})}
+
+
+def wall_time(history: list[dict[str, Any]]) -> float:
+    """Seconds a run's processes spent, from the ``time`` stamps of its rows (each resumed process starts at 0)."""
+    total, last = 0.0, 0.0
+    for row in history:
+        stamp = row.get("time")
+        if not isinstance(stamp, (int, float)):
+            continue
+        if stamp < last:  # a new process: the previous one ran until its last stamp
+            total += last
+        last = stamp
+    return total + last
+
+
+def costs(rows: list[dict[str, Any]], base: str | None, worth: dict[str, Any], budgets: list) -> dict[str, Any]:
+    """What the pretraining cost (read from the run that wrote ``base``, when it is a pretune pretraining run)
+    and what the fine-tuning cells cost, and the trade-off in one line per pretrained arm."""
+    out: dict[str, Any] = {"pretraining": None, "finetuning": {}, "tradeoff": []}
+    for arm, members in _groups(rows).items():
+        entry = out["finetuning"].setdefault(arm[0], {"flops": 0.0, "wall_s": 0.0, "cells": 0})
+        entry["flops"] += sum(r["flops"] for r in members)
+        entry["wall_s"] += sum(r["wall_s"] for r in members)
+        entry["cells"] += len(members)
+    run_dir = Path(base).parent if base else None
+    if run_dir is not None and (run_dir / "metrics.jsonl").is_file() and (Path(base) / "pretune.json").is_file():
+        meta = _read_json(Path(base) / "pretune.json")
+        if meta.get("task") and "kind" not in meta:  # a pretraining run's model, not a fine-tuned one
+            logged = logged_compute(read_metrics(run_dir))
+            out["pretraining"] = {"run_dir": str(run_dir), "task": meta["task"], "flops": logged["flops"],
+                                  "wall_s": logged["wall_s_logged"], "steps": logged["steps"]}
+    top = max(budgets)
+    labels = next((r["examples"] for r in rows if r["budget"] == top and "examples" in r), None)
+    paid = out["pretraining"]
+    for arm, w in worth.items():
+        if not (w["k"] and labels):
+            continue
+        needed = labels / w["k"]
+        cost = (f"{paid['wall_s'] / 3600:.2g} hours and {paid['flops'] / 1e15:.3g} PFLOPs of pretraining ({paid['task']}) on this "
+                "machine" if paid else "pretraining (its cost is not in a pretune run directory beside the model)")
+        out["tradeoff"].append(f"{cost} saved about {labels - needed:,.0f} of {labels:,} labels for {arm} "
+                               f"(it needs ~{needed:,.0f} to match scratch with all {labels:,})")
+    return out
 
 
 def summarise(rows: list[dict[str, Any]], boot: Bootstrap | None = None) -> list[dict[str, Any]]:

@@ -250,6 +250,13 @@ def study_report(study_dir: str | Path) -> Path:
     report.table(["arm", "budget", "seed", metric, "scored on", "steps", "wall time (s)", "GFLOPs", "run dir"],
                  [[c["arm"], budget_label(c["budget"]), c["seed"], c["score"], c["scored_on"], c["steps"],
                    round(c["wall_s"], 1), c["flops"] / 1e9, c["run_dir"]] for c in cells])
+    cost = study.get("cost") or {}
+    if cost.get("pretraining"):
+        paid = cost["pretraining"]
+        report.text(f"pretraining ({paid['task']}, {paid['run_dir']}): {paid['steps']} steps, {paid['wall_s']:.1f}s of wall time, "
+                    f"{paid['flops'] / 1e9:.3g} GFLOPs.")
+    for line in cost.get("tradeoff") or []:
+        report.text(f"Trade-off: {line}.")
     total_wall, total_flops = sum(c["wall_s"] for c in cells), sum(c["flops"] for c in cells)
     report.text(f"compute: {total_wall:.1f}s of wall time and {total_flops / 1e9:.3g} GFLOPs of model FLOPs in all "
                 "(FLOPs as logged by the trainer: the training steps" + _encoding_note(cells) + ").")

@@ -107,13 +107,14 @@ def fit(task: Task, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path,
     log = RunLogger(run_dir, world.main, total_steps, progress.step, cfg.progress, cfg.report_to, recipe.model_dump(mode="json"))
     peak = measure_peak(torch.bfloat16 if trainer.precision == "bf16" else torch.float32, world.device) if world.main else 0.0
     total, trainable = sum(p.numel() for p in module.parameters()), sum(p.numel() for p in module.parameters() if p.requires_grad)
-    log.print(
+    log.note(  # also in metrics.jsonl: what a study's cost accounting reads (examples, steps, parameters)
+        progress.step, "start",
         f"training {type(module).__name__}: {total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable), "
         f"{len(data.train)} examples, {steps_per_epoch} steps/epoch, {total_steps} steps, precision {trainer.precision}, "
         f"{world.size} process(es), GEMM peak {peak / 1e9:.0f} GFLOP/s"
         + (f", at most {max_time:g}s of training" if max_time else "")
-        + (f", resuming at step {progress.step}" if progress.step else "")
-    )
+        + (f", resuming at step {progress.step}" if progress.step else ""),
+        examples=len(data.train), total_steps=total_steps, parameters=total, trainable=trainable)
 
     def elapsed() -> float:  # seconds of training, before this process too
         return progress.elapsed + time.perf_counter() - started
