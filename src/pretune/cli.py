@@ -1,4 +1,4 @@
-"""``pretune`` command line: pretrain, finetune, evaluate, predict, generate, export, serve, compare, search, report, demo.
+"""``pretune`` command line: pretrain, finetune, evaluate, predict, generate, export, serve, select, compare, search, report, demo.
 
     pretune pretrain recipes/text-mlm.yaml data.files='corpus/*.txt' run_dir=runs/mlm
     pretune finetune recipes/text-classify.yaml model=runs/mlm/model data.train=train.csv strategy=linear-probe
@@ -124,6 +124,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch", type=int, default=32, help="requests arriving together are predicted in batches of up to this many inputs")
     serve.add_argument("--trust-pickle", action="store_true", help=TRUST_HELP)
 
+    select = sub.add_parser(
+        "select", help="pick the unlabelled examples to label first (TypiClust on a pretrained model's embeddings)",
+        epilog="example: pretune select runs/mlm/model pool.csv --budget 50 --out to_label.csv")
+    select.add_argument("model", help="a pretrained (or fine-tuned) model folder: text encoders and image / vector backbones")
+    select.add_argument("pool", help="the unlabelled pool: a .txt / .jsonl / .csv / .tsv file of texts, or a folder of images")
+    select.add_argument("--budget", type=int, required=True, help="how many examples to pick")
+    select.add_argument("--out", default="to_label.csv", help="the picked rows, in the order picked (.csv / .tsv / .jsonl)")
+    select.add_argument("--column", default="text", help="the text column of a .csv / .jsonl pool (default: %(default)s)")
+    select.add_argument("--seed", type=int, default=0, help="the k-means seed (default: %(default)s)")
+
     report = sub.add_parser("report", help="write report.html / report.md with plots for a run or study directory")
     report.add_argument("run_dir", help="a run directory (with metrics.jsonl) or a study directory (with study.json); "
                                         "finished or not")
@@ -212,6 +222,12 @@ def main(argv: list[str] | None = None) -> int:
             from pretune.serve import run
 
             run(args.model, host=args.host, port=args.port, max_batch=args.max_batch)
+        elif args.command == "select":
+            from pretune.select import select
+
+            picked = select(args.model, args.pool, args.budget, args.out, column=args.column, seed=args.seed)
+            print(f"{len(picked)} examples to label written to {args.out} (TypiClust: the most typical example of each of "
+                  f"{args.budget} clusters)")
         elif args.command == "generate":
             from pretune.predict import Generator
 
