@@ -24,12 +24,13 @@ from pretune.errors import RecipeError
 from pretune.recipe import Section
 from pretune.registry import TASKS
 from pretune.tasks.base import Task
-from pretune.tasks.common import save_hf, stack_rows
+from pretune.tasks.common import DownstreamConfig, downstream_probe, save_hf, stack_rows
 from pretune.trainer.flops import transformer_training_flops
 
 
 class CLMConfig(Section):
     name: Literal["clm"] = "clm"
+    monitor: DownstreamConfig | None = None  # k-NN accuracy of the features on a small labelled set, at every evaluation
 
 
 class CausalLM(nn.Module):
@@ -78,6 +79,10 @@ class CausalLMTask(Task):
         ids = batch["input_ids"]
         predicted = ids.shape[0] * (ids.shape[1] - 1)
         return transformer_training_flops(module.model.config, predicted, ids.shape[1] - 1, predicted)
+
+    def probe(self, module: CausalLM, data: RunData, *, device: torch.device, precision: str, step: int,
+              out_dir: Path | None) -> dict[str, float]:
+        return downstream_probe(self, module, data, device)
 
     def save(self, module: CausalLM, path: Path, data: RunData) -> None:
         save_hf(module.model, data.tokenizer, path, {"task": "clm", "family": self.family})

@@ -8,6 +8,10 @@ from typing import Any
 
 import torch
 import transformers
+from pydantic import Field
+
+from pretune.errors import DataError
+from pretune.recipe import Section
 
 
 
@@ -25,3 +29,65 @@ def save_hf(model: Any, tokenizer: Any, path: Path, meta: dict[str, Any]) -> Non
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     (path / "pretune.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+class DownstreamConfig(Section):
+    """``task.monitor``: how good the features are for a task, while pretraining: k-NN accuracy on a small
+    labelled set (its ``validation_fraction`` queries against the rest), at every evaluation."""
+
+    data: str  # a labelled CSV / JSONL / Parquet file (the fine-tuning format)
+    text: str = "text"
+    label: str = "label"
+    validation_fraction: float = Field(0.5, gt=0, lt=0.9)
+    k: int = Field(20, ge=1)
+    temperature: float = Field(0.1, gt=0)
+    max_length: int = Field(128, ge=8)
+
+
+class Downstream:
+    """The k-NN monitor of a text pretraining run (``probe_knn_accuracy`` in the validation rows): the
+    labelled set is read and tokenised once; at each evaluation both halves are encoded with the model's
+    mean-pooled last hidden states and the queries are classified by their k nearest neighbours
+    (weighted by similarity, as the image tasks' ``knn_accuracy``; Wu et al. 2018)."""
+
+    def __init__(self, cfg: DownstreamConfig, seed: int):
+        self.cfg, self.seed, self.data = cfg, seed, None
+
+    @torch.no_grad()
+    def __call__(self, model: Any, tokenizer: Any, device: torch.device) -> dict[str, float]:
+        from pretune.data.labelled import LabelledDataConfig, build_labelled
+        from pretune.evaluate.knn import knn_accuracy
+
+        if self.data is None:
+            read = LabelledDataConfig(train=self.cfg.data, text=self.cfg.text, label=self.cfg.label,
+                                      validation_fraction=self.cfg.validation_fraction, max_length=self.cfg.max_length)
+            self.data = build_labelled(read, "single", self.seed)
+            if self.data.validation is None:
+                raise DataError(f"task.monitor.data {self.cfg.data}: too few rows to hold any out for the k-NN monitor")
+        base = model.base_model
+        was_training = base.training
+        base.eval()
+        features = [self._encode(base, tokenizer, list(part[self.cfg.text]), device) for part in (self.data.train, self.data.validation)]
+        base.train(was_training)
+        accuracy = knn_accuracy(features[0], torch.tensor(self.data.train["labels"]), features[1],
+                                torch.tensor(self.data.validation["labels"]), len(self.data.label_names), self.cfg.k,
+                                self.cfg.temperature)
+        return {"probe_knn_accuracy": accuracy}
+
+    def _encode(self, base: Any, tokenizer: Any, texts: list[str], device: torch.device) -> torch.Tensor:
+        out = []
+        for start in range(0, len(texts), 64):
+            batch = tokenizer(texts[start:start + 64], padding=True, truncation=True, max_length=self.cfg.max_length, return_tensors="pt")
+            mask = batch["attention_mask"].to(device)
+            hidden = base(input_ids=batch["input_ids"].to(device), attention_mask=mask).last_hidden_state.float()
+            out.append(((hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)).cpu())
+        return torch.cat(out)
+
+
+def downstream_probe(task: Any, module: Any, data: Any, device: torch.device) -> dict[str, float]:
+    """A text pretraining task's ``probe``: the k-NN monitor when ``task.monitor`` names a labelled set."""
+    if task.cfg.monitor is None:
+        return {}
+    if getattr(task, "downstream", None) is None:
+        task.downstream = Downstream(task.cfg.monitor, task.seed)
+    return task.downstream(module.model, data.tokenizer, device)

@@ -34,7 +34,7 @@ from pretune.errors import CheckpointError, RecipeError
 from pretune.recipe import Section
 from pretune.registry import TASKS
 from pretune.tasks.base import Task
-from pretune.tasks.common import save_hf, stack_rows
+from pretune.tasks.common import DownstreamConfig, downstream_probe, save_hf, stack_rows
 from pretune.trainer.flops import transformer_training_flops
 
 IGNORE = -100
@@ -42,6 +42,7 @@ IGNORE = -100
 
 class MLMConfig(Section):
     name: Literal["mlm"] = "mlm"
+    monitor: DownstreamConfig | None = None  # k-NN accuracy of the features on a small labelled set, at every evaluation
     mask_prob: float = Field(0.15, gt=0, lt=1)
     replace_mask: float = Field(0.8, ge=0, le=1)  # of the selected tokens: share replaced by [MASK]
     replace_random: float = Field(0.1, ge=0, le=1)  # share replaced by a random token; the rest is kept
@@ -188,6 +189,10 @@ class MaskedLMTask(Task):
     def flops(self, module: MaskedLM, batch: dict[str, torch.Tensor]) -> float:
         ids = batch["input_ids"]
         return transformer_training_flops(module.model.config, ids.numel(), ids.shape[1], int((batch["labels"] != IGNORE).sum()))
+
+    def probe(self, module: MaskedLM, data: RunData, *, device: torch.device, precision: str, step: int,
+              out_dir: Path | None) -> dict[str, float]:
+        return downstream_probe(self, module, data, device)
 
     def save(self, module: MaskedLM, path: Path, data: RunData) -> None:
         save_hf(module.model, data.tokenizer, path, {"task": "mlm", "family": self.family, "nsp": self.cfg.nsp})

@@ -36,13 +36,14 @@ from pretune.errors import RecipeError
 from pretune.recipe import Section
 from pretune.registry import TASKS
 from pretune.tasks.base import Task
-from pretune.tasks.common import save_hf, stack_rows
+from pretune.tasks.common import DownstreamConfig, downstream_probe, save_hf, stack_rows
 from pretune.tasks.contrastive import info_nce
 from pretune.trainer.flops import transformer_training_flops
 
 
 class SimCSEConfig(Section):
     name: Literal["simcse"] = "simcse"
+    monitor: DownstreamConfig | None = None  # k-NN accuracy of the features on a small labelled set, at every evaluation
     temperature: float = Field(0.05, gt=0)
     pooling: Literal["cls", "mean"] = "mean"
 
@@ -111,6 +112,10 @@ class SimCSE(Task):
     def flops(self, module: SimCSEModel, batch: dict[str, torch.Tensor]) -> float:
         ids = batch["input_ids"]
         return transformer_training_flops(module.model.config, 2 * ids.numel(), ids.shape[1], 0)
+
+    def probe(self, module: SimCSEModel, data: RunData, *, device: torch.device, precision: str, step: int,
+              out_dir: Path | None) -> dict[str, float]:
+        return downstream_probe(self, module, data, device)
 
     def save(self, module: SimCSEModel, path: Path, data: RunData) -> None:
         save_hf(module.model, data.tokenizer, path, {"task": "simcse", "family": self.family, "pooling": self.cfg.pooling})
