@@ -122,8 +122,11 @@ def run_image_demo(run_dir: str = "runs/demo", steps: int | None = None, budget:
 
 def run_pretrained_vs_scratch(recipe, budgets: list[float]):
     """The demo's comparisons as a label-efficiency study: the recipe's model fine-tuned in full and
-    the same network from scratch, at each budget, one seed (see :mod:`pretune.studies.compare`)."""
-    return run_study(recipe.model_dump(mode="json"), StudyConfig(budgets=budgets, seeds=1, strategies=["full"]), overwrite=True)
+    the same network from scratch, at each budget, one seed (see :mod:`pretune.studies.compare`).  To
+    keep the demo short, scratch gets the pretrained arm's settings (no learning-rate search, the same
+    epochs); ``pretune compare`` gives it its own by default."""
+    study = StudyConfig(budgets=budgets, seeds=1, strategies=["full"], scratch_lr_search=[], scratch_epochs=1.0)
+    return run_study(recipe.model_dump(mode="json"), study, overwrite=True)
 
 
 def _means(study, budget: float) -> dict[str, float]:

@@ -7,6 +7,7 @@ import statistics
 import pytest
 
 from pretune.errors import RecipeError
+from pretune.recipe import load_recipe
 from pretune.studies import compare as C
 from tests.studies.conftest import FAST, ROOT
 
@@ -70,7 +71,7 @@ def test_text_study_end_to_end_and_resume(tmp_path, tiny_encoder, topics, monkey
 
     study_dir = tmp_path / "study"
     args = [f"model={tiny_encoder}", f"data.train={topics / 'train.csv'}", f"data.test={topics / 'test.csv'}",
-            f"run_dir={study_dir}", "budgets=[0.5,1.0]", "seeds=2", "strategies=[linear-probe,full]",
+            f"run_dir={study_dir}", "budgets=[0.5,1.0]", "seeds=2", "scratch_lr_search=[1.0]", "scratch_epochs=1", "strategies=[linear-probe,full]",
             "data.max_length=32", "trainer.batch_size=8", "trainer.epochs=1", "trainer.log_every=2", *FAST]
     result = C.compare(ROOT / "recipes/study-text.yaml", args)
     rows = list(csv.DictReader(open(study_dir / "results.csv")))
@@ -145,3 +146,22 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
     assert err.startswith("pretune: error:") and "budgets" in err and "\n" not in err
     assert main(["search", str(ROOT / "recipes/text-classify.yaml"), f"run_dir={tmp_path}", "space.lr=[1,2,3]"]) == 3
     assert "space.lr" in capsys.readouterr().err
+
+
+def test_the_scratch_arm_gets_its_own_learning_rate_and_a_longer_schedule(tmp_path, tiny_encoder, topics):
+    study_dir = tmp_path / "study"
+    args = [f"model={tiny_encoder}", f"data.train={topics / 'train.csv'}", f"data.test={topics / 'test.csv'}",
+            f"run_dir={study_dir}", "budgets=[0.5,1.0]", "seeds=1", "strategies=[full]", "scratch_lr_search=[0.1,10.0]",
+            "scratch_epochs=2", "data.max_length=32", "trainer.batch_size=8", "trainer.epochs=1", "trainer.log_every=2", *FAST]
+    result = C.compare(ROOT / "recipes/study-text.yaml", args)
+    cells = study_dir / "cells"
+    searched = {m: C.best_validation(cells / f"lr-search-x{m}_scratch_budget-1.0_seed-0", "accuracy", "max") for m in ("0.1", "10")}
+    pick = max(searched, key=searched.get) if searched["0.1"] != searched["10"] else "0.1"
+    recipe = load_recipe(cells / "scratch_budget-0.5_seed-0" / "recipe.yaml")
+    base = load_recipe(cells / "pretrained-full_budget-0.5_seed-0" / "recipe.yaml")
+    assert recipe.trainer.lr == pytest.approx(base.trainer.lr * float(pick)) and recipe.trainer.epochs == 2 * base.trainer.epochs
+    assert recipe.trainer.patience == 3 and base.trainer.patience == C.load_study(ROOT / "recipes/study-text.yaml", args)[2].trainer.patience
+    given = json.load(open(study_dir / "study.json"))["given"]
+    assert f"lr x {pick} picked from x0.1:" in given["scratch"] and "lr x" not in given["pretrained full"]
+    assert "What each arm was given" in (study_dir / "report.html").read_text()
+    assert {r["arm"] for r in result.rows} == {"pretrained full", "scratch"} and len(result.rows) == 4  # search runs are not cells

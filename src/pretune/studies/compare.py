@@ -27,12 +27,12 @@ import re
 import shutil
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from pretune.card import add_section
 from pretune.data.labelled import check_budget
@@ -43,7 +43,7 @@ from pretune.studies.curves import worth as curve_worth
 from pretune.studies.report import budget_label, read_metrics, study_report
 from pretune.studies.stats import Bootstrap
 
-STUDY_FIELDS = ("budgets", "seeds", "strategies", "scratch")
+STUDY_FIELDS = ("budgets", "seeds", "strategies", "scratch", "scratch_lr_search", "scratch_epochs")
 
 
 class StudyConfig(Section):
@@ -53,6 +53,10 @@ class StudyConfig(Section):
     seeds: int | list[int] = 1  # how many seeds (recipe seed, seed + 1, ...), or the list of seeds
     strategies: list[str] = ["full"]  # fine-tuning strategies of the pretrained arms
     scratch: bool = True  # also train the same architecture from random weights (strategy full)
+    # a fair scratch arm: its own learning rate (these multiples of trainer.lr and head_lr, tried at the largest
+    # budget and first seed, picked on validation) and a longer schedule with early stopping
+    scratch_lr_search: list[float] = [0.3, 1.0, 3.0]
+    scratch_epochs: float = Field(3.0, gt=0)  # times the recipe's trainer.epochs, with trainer.patience (3 when unset)
 
     @field_validator("budgets")
     @classmethod
@@ -82,15 +86,18 @@ class Cell:
     pretrained: bool
     budget: float | int
     seed: int
+    extra: tuple[str, ...] = ()  # the arm's own settings (scratch: its searched lr, longer schedule)
+    prefix: str = ""  # "lr-search-x3_" for the scratch arm's learning-rate search runs
 
     @property
     def name(self) -> str:
         arm = "scratch" if not self.pretrained else "pretrained-" + re.sub(r"[^A-Za-z0-9.]+", "-", self.strategy).strip("-")
-        return f"{arm}_budget-{self.budget}_seed-{self.seed}"
+        return f"{self.prefix}{arm}_budget-{self.budget}_seed-{self.seed}"
 
     def overrides(self, cells_dir: Path) -> list[str]:
         return [f"run_dir={cells_dir / self.name}", f"seed={self.seed}", f"strategy={self.strategy}",
-                f"backbone.pretrained={str(self.pretrained).lower()}", f"data.budget={self.budget!r}", f"data.budget_seed={self.seed}"]
+                f"backbone.pretrained={str(self.pretrained).lower()}", f"data.budget={self.budget!r}", f"data.budget_seed={self.seed}",
+                *self.extra]
 
 
 @dataclass
@@ -140,15 +147,60 @@ def run_study(raw: dict[str, Any], study: StudyConfig, *, report: bool = True, o
     metric, mode = build_task(recipe).monitor
     cells = plan(study, recipe.seed)
     print(f"pretune compare: {len(cells)} cells ({len(study.budgets)} budgets x {len(cells) // len(study.budgets)} runs) in {study_dir}")
+    given = {arm: _settings(recipe) for arm in dict.fromkeys(c.arm for c in cells)}
+    if study.scratch:
+        extra, given["scratch"] = scratch_settings(raw, recipe, study, cells, study_dir / "cells", metric, mode)
+        cells = [replace(c, extra=extra) if not c.pretrained else c for c in cells]
     rows = []
     for number, cell in enumerate(cells, 1):
         print(f"cell {number}/{len(cells)}: {cell.arm}, budget {budget_label(cell.budget)}, seed {cell.seed}")
         rows.append(run_cell(raw, cell, study_dir / "cells", metric))
-    return finish(study_dir, study, metric, mode, rows, report=report, base=recipe.backbone.get("path"))
+    return finish(study_dir, study, metric, mode, rows, report=report, base=recipe.backbone.get("path"), given=given)
+
+
+def scratch_settings(raw: dict[str, Any], recipe: Recipe, study: StudyConfig, cells: list[Cell], cells_dir: Path, metric: str,
+                     mode: str) -> tuple[tuple[str, ...], str]:
+    """The scratch arm's own settings (He et al. 2019: from scratch catches up given its own tuning and a long
+    enough schedule): ``scratch_epochs`` times the epochs with early stopping, and the learning rate (lr and
+    head_lr scaled together) of ``scratch_lr_search`` with the best validation metric at the largest budget and
+    first seed.  Returns the overrides and a sentence saying what the arm was given."""
+    trainer = recipe.trainer
+    schedule = ((f"trainer.epochs={trainer.epochs * study.scratch_epochs:g}", f"trainer.patience={trainer.patience or 3}")
+                if study.scratch_epochs != 1 else ())
+    scale = lambda m: tuple(f"trainer.{key}={value * m:g}" for key in ("lr", "head_lr")  # noqa: E731
+                            if (value := getattr(trainer, key)) and m != 1)
+    first = next(c for c in cells if not c.pretrained and c.budget == max(study.budgets))
+    tried: dict[float, float] = {}
+    for multiple in study.scratch_lr_search if len(study.scratch_lr_search) > 1 else []:
+        probe = replace(first, extra=(*schedule, *scale(multiple)), prefix=f"lr-search-x{multiple:g}_")
+        print(f"scratch learning-rate search: lr x {multiple:g} at budget {budget_label(first.budget)}, seed {first.seed}")
+        run_cell(raw, probe, cells_dir, metric)
+        tried[multiple] = best_validation(cells_dir / probe.name, metric, mode)
+    pick = ((max if mode == "max" else min)(tried, key=tried.get) if tried else
+            (study.scratch_lr_search[0] if study.scratch_lr_search else 1.0))
+    extra = (*schedule, *scale(pick))
+    searched = (f"; lr x {pick:g} picked from " + ", ".join(f"x{m:g}: {v:.4g}" for m, v in tried.items())
+                + f" (validation {metric} at {budget_label(first.budget)}, seed {first.seed})") if tried else ""
+    return extra, _settings(validate(Recipe, apply_overrides(raw, list(extra)))) + searched
+
+
+def best_validation(run_dir: Path, metric: str, mode: str) -> float:
+    """The best validation ``metric`` a run logged after step 0."""
+    values = [r[metric] for r in read_metrics(run_dir) if r.get("split") == "validation" and r.get("step") and metric in r]
+    if not values:
+        raise RecipeError(f"{run_dir}: no validation {metric} to pick the scratch arm's learning rate; give data.validation "
+                          "or keep the validation split")
+    return (max if mode == "max" else min)(values)
+
+
+def _settings(recipe: Recipe) -> str:
+    t = recipe.trainer
+    return (f"lr {t.lr:g}" + (f", head lr {t.head_lr:g}" if t.head_lr else "") + f", {t.epochs:g} epochs"
+            + (f" (at least {t.min_steps} steps)" if t.min_steps else "") + (f", early stopping after {t.patience}" if t.patience else ""))
 
 
 def finish(study_dir: Path, study: StudyConfig, metric: str, mode: str, rows: list[dict], report: bool = True,
-           base: str | None = None) -> StudyResult:
+           base: str | None = None, given: dict[str, str] | None = None) -> StudyResult:
     """Aggregate the cells, write results.csv and study.json, and (optionally) the report."""
     boot = Bootstrap(rows, metric)
     summary = summarise(rows, boot)
@@ -160,7 +212,7 @@ def finish(study_dir: Path, study: StudyConfig, metric: str, mode: str, rows: li
     write_results(study_dir / "results.csv", rows)
     (study_dir / "study.json").write_text(json.dumps(
         {"metric": metric, "mode": mode, "study": study.model_dump(), "headline": headline, "matches": matches,
-         "curves": curves, "worth": worth, "cost": cost,
+         "curves": curves, "worth": worth, "cost": cost, "given": given or {},
          "summary": summary, "cells": rows}, indent=1))
     result = StudyResult(study_dir, metric, mode, rows, summary, headline, matches)
     for row in rows:  # every cell's model card says which study it belongs to and what the study concluded

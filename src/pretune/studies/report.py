@@ -215,6 +215,8 @@ def study_report(study_dir: str | Path) -> Path:
     arms = list(dict.fromkeys(s["arm"] for s in summary))
     budgets = sorted({s["budget"] for s in summary})
     by = {(s["arm"], s["budget"]): s for s in summary}
+    if study.get("given"):
+        report.text("What each arm was given: " + "; ".join(f"{arm}: {text}" for arm, text in study["given"].items()) + ".")
 
     report.heading("label efficiency")
     report.plot("label-efficiency", _efficiency(by, arms, budgets, metric, study.get("curves") or {}),
