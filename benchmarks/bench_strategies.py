@@ -40,6 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
+csv.field_size_limit(sys.maxsize)  # whole emails of the spam set exceed the csv module's default 128 KiB per field
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"

@@ -8,7 +8,8 @@ a model ``torch.export`` cannot capture, and the folder records which one ran), 
 (and, for text, sequence) axes.  Text models get their tokenizer beside the graph; image and vector
 models carry their input normalisation inside it.  ``--int8`` quantises the weights of the
 matrix multiplications with ONNX Runtime's dynamic quantiser (activations stay float, quantised on
-the fly per batch).
+the fly per batch); products of two activations (attention scores) and embedding lookups stay
+float, which is what keeps a transformer's accuracy (see ``_quantise``).
 
 Every export is checked before it is written: the exported model and the original predict the same
 real examples (the run's validation data, or ``data=``), and the export is refused with one line
@@ -103,7 +104,7 @@ def export(model: str | Path, out: str | Path | None = None, *, int8: bool = Fal
         raise CheckpointError(f"--out {out}: would overwrite the model being exported; choose another folder")
     source = data or _validation_data(model)
     known = None if original.modality == "text" else original.labels  # an image set may hold classes the model never learned
-    sample = labelled_examples(original, source, classes=known).head(examples)
+    sample = spread(labelled_examples(original, source, classes=known), examples)
     if not len(sample):
         raise DataError(f"{source}: no labelled examples to check the export with")
 
@@ -156,6 +157,15 @@ def check_parity(original: Predictor, exported: Predictor, sample: Examples, sou
         raise CheckpointError(f"export refused: int8 quantisation lowers {name} from {before:.4f} to {after:.4f} on {len(sample)} "
                               f"examples of {source} (more than {max_drop:g}); export without --int8")
     return parity
+
+
+def spread(examples: Examples, n: int) -> Examples:
+    """At most ``n`` examples spread evenly over the file (a file sorted by class must not give one class)."""
+    if len(examples) <= n:
+        return examples
+    rows = sorted({round(i * (len(examples) - 1) / (n - 1)) for i in range(n)})
+    inputs = examples.inputs[rows] if isinstance(examples.inputs, torch.Tensor) else [examples.inputs[i] for i in rows]
+    return Examples(inputs, [examples.pairs[i] for i in rows] if examples.pairs else None, [examples.truth[i] for i in rows])
 
 
 def _logits(predictor: Predictor, part: Examples) -> torch.Tensor:
@@ -213,7 +223,12 @@ def _tokenized(predictor: Predictor, texts: list, pairs: list | None) -> dict[st
 
 
 def _quantise(path: Path) -> None:
-    """Dynamic int8 quantisation of the weights (ONNX Runtime), after its shape-inference pre-processing."""
+    """Dynamic int8 quantisation (ONNX Runtime) of the matrix multiplications *by a weight*, per output channel.
+
+    Only those: ONNX Runtime's defaults also quantise activation-by-activation products (attention
+    scores) and embedding lookups, which took a MiniLM classifier from 0.868 to 0.236 test accuracy;
+    quantising the 37 weight products alone, per channel, kept 0.862."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -224,7 +239,10 @@ def _quantise(path: Path) -> None:
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
     except Exception:  # noqa: BLE001  (pre-processing only helps; quantising the raw graph also works)
         shutil.copy(fp32, prepared)
-    quantize_dynamic(str(prepared), str(path), weight_type=QuantType.QInt8)
+    graph = onnx.load(str(prepared)).graph
+    weights = {tensor.name for tensor in graph.initializer}
+    nodes = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and any(i in weights for i in n.input)]
+    quantize_dynamic(str(prepared), str(path), weight_type=QuantType.QInt8, per_channel=True, nodes_to_quantize=nodes)
     fp32.unlink()
     prepared.unlink()
 

@@ -68,6 +68,13 @@ def test_text_classifier_exports_with_parity_and_predicts_through_the_same_path(
     assert done.int8 and parity["size_mb"] < parity["original_size_mb"]
     assert abs(parity["metric_original"] - parity["metric_exported"]) <= 0.02
     assert "int8" in done.summary() and (tmp_path / "int8" / "model.onnx").is_file()
+    import onnx
+
+    ops = [node.op_type for node in onnx.load(str(tmp_path / "int8" / "model.onnx")).graph.node]
+    fp32_ops = [node.op_type for node in onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph.node]
+    assert "DynamicQuantizeMatMul" in ops or "MatMulInteger" in ops  # the weight products are int8 ...
+    assert "MatMul" in ops and "Gather" in ops and "DynamicQuantizeLinear" not in [o for o in ops if o == "Gather"]  # ... attention scores and embeddings are not
+    assert ops.count("MatMul") < fp32_ops.count("MatMul")
 
 
 def test_an_export_that_fails_its_check_is_refused_in_one_line_and_leaves_nothing(text_run, tmp_path, capsys):
@@ -131,3 +138,12 @@ def test_every_run_writes_a_model_card_in_the_hub_layout(text_run, tiny_encoder,
     pretrained = (tiny_encoder / "README.md").read_text()
     assert "pretrained with masked language modelling (BERT) from scratch" in pretrained and "pipeline_tag" not in pretrained
     assert "pretune finetune" in pretrained
+
+
+def test_the_parity_sample_is_spread_over_the_file():
+    from pretune.export import spread
+    from pretune.predict import Examples
+
+    examples = Examples([f"t{i}" for i in range(1000)], None, [i // 100 for i in range(1000)])  # sorted by class
+    picked = spread(examples, 20)
+    assert len(picked) == 20 and picked.inputs[0] == "t0" and picked.inputs[-1] == "t999" and len(set(picked.truth)) == 10
