@@ -380,7 +380,9 @@ def pivot(*reports: dict) -> str:
     summary = [s for report in reports for s in report["summary"]]
     datasets = list(dict.fromkeys(s["dataset"] for s in summary))
     arms = list(dict.fromkeys(s["arm"] for s in summary))
-    cell = {(s["dataset"], s["arm"]): s for s in summary}
+    cell: dict[tuple[str, str], dict] = {}
+    for s in summary:  # the first report's row wins (a later report's one-seed reference is the same computation)
+        cell.setdefault((s["dataset"], s["arm"]), s)
     lines = ["| arm | " + " | ".join(datasets) + " |", "|---|" + "---|" * len(datasets)]
     for arm in arms:
         cells = [f"{cell[(d, arm)]['accuracy']:.3f} ± {cell[(d, arm)]['accuracy_std']:.3f} ({cell[(d, arm)]['n']})"
