@@ -68,3 +68,18 @@ def test_transformers_colour_codes_are_stripped_when_stderr_is_not_a_terminal(mo
                                "\x1b[1m%s LOAD REPORT\x1b[0m from: x\n\x1b[31mMISSING\x1b[0m", ("BertModel",), None)
     assert all(h.filter(record) for h in handlers)
     assert record.getMessage() == "BertModel LOAD REPORT from: x\nMISSING"
+
+
+def test_export_and_serve_without_their_extras_say_how_to_install_in_one_line(monkeypatch, capsys, tmp_path):
+    import importlib.util
+
+    from pretune.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("onnxruntime", "fastapi") else real(name, *a))
+    assert main(["export", str(tmp_path)]) == 2
+    assert main(["serve", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "Traceback" not in "".join(err)
+    assert err[0].endswith("pretune export needs onnxruntime, not installed: pip install 'pretune[export]'")
+    assert err[1].endswith("pretune serve needs fastapi, not installed: pip install 'pretune[serve]'")

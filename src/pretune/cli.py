@@ -145,6 +145,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _require(extra: str, *packages: str) -> None:
+    """A command whose optional packages are missing stops with one line saying how to install them."""
+    import importlib.util
+
+    missing = [name for name in packages if importlib.util.find_spec(name) is None]
+    if missing:
+        raise PretuneError(f"pretune {extra} needs {', '.join(missing)}, not installed: pip install 'pretune[{extra}]'")
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -214,11 +223,13 @@ def main(argv: list[str] | None = None) -> int:
             count = predict_file(args.model, args.inputs, args.out, args.column, args.batch_size)
             print(f"{count} predictions written to {args.out}")
         elif args.command == "export":
+            _require("export", "onnx", "onnxscript", "onnxruntime")
             from pretune.export import export
 
             done = export(args.model, args.out, int8=args.int8, data=args.data)
             print(done.summary())
         elif args.command == "serve":
+            _require("serve", "fastapi", "uvicorn")
             from pretune.serve import run
 
             run(args.model, host=args.host, port=args.port, max_batch=args.max_batch)

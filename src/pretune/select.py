@@ -98,23 +98,16 @@ def embed(model: str | Path, pool: str, column: str = "text", batch_size: int = 
     return _embed_texts(model, pool, column, batch_size)
 
 
-@torch.no_grad()
 def _embed_texts(model: Path, pool: str, column: str, batch_size: int) -> tuple[torch.Tensor, list[Any], list[dict]]:
     import transformers
 
+    from pretune.data.readers import load_tokenizer
     from pretune.predict import read_inputs
+    from pretune.tasks.common import mean_pooled
 
     texts, rows = read_inputs(pool, column)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(model))
     encoder = transformers.AutoModel.from_pretrained(str(model), use_safetensors=True).eval()
-    out = []
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer([str(t) for t in texts[start:start + batch_size]], padding=True, truncation=True, max_length=256,
-                          return_tensors="pt")
-        hidden = encoder(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        out.append((hidden * mask).sum(1) / mask.sum(1).clamp_min(1))
-    return torch.cat(out).float(), texts, rows
+    return mean_pooled(encoder, load_tokenizer(str(model)), texts, torch.device("cpu"), 256, batch_size), texts, rows
 
 
 @torch.no_grad()

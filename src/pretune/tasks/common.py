@@ -75,13 +75,22 @@ class Downstream:
         return {"probe_knn_accuracy": accuracy}
 
     def _encode(self, base: Any, tokenizer: Any, texts: list[str], device: torch.device) -> torch.Tensor:
-        out = []
-        for start in range(0, len(texts), 64):
-            batch = tokenizer(texts[start:start + 64], padding=True, truncation=True, max_length=self.cfg.max_length, return_tensors="pt")
-            mask = batch["attention_mask"].to(device)
-            hidden = base(input_ids=batch["input_ids"].to(device), attention_mask=mask).last_hidden_state.float()
-            out.append(((hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)).cpu())
-        return torch.cat(out)
+        return mean_pooled(base, tokenizer, texts, device, self.cfg.max_length)
+
+
+@torch.no_grad()
+def mean_pooled(base: Any, tokenizer: Any, texts: list[str], device: torch.device, max_length: int,
+                batch_size: int = 64) -> torch.Tensor:
+    """``[N, hidden]`` float32 on the CPU: the mean of ``base``'s last hidden states over each text's real tokens
+    (the pooling of sentence-transformers); what the k-NN monitor and ``pretune select`` embed with."""
+    out = []
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer([str(t) for t in texts[start:start + batch_size]], padding=True, truncation=True, max_length=max_length,
+                          return_tensors="pt")
+        mask = batch["attention_mask"].to(device)
+        hidden = base(input_ids=batch["input_ids"].to(device), attention_mask=mask).last_hidden_state.float()
+        out.append(((hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)).cpu())
+    return torch.cat(out) if out else torch.zeros(0, 1)
 
 
 def downstream_probe(task: Any, module: Any, data: Any, device: torch.device) -> dict[str, float]:
