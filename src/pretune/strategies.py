@@ -17,6 +17,10 @@ written in full or as a short string (``strategy: llrd:0.8``):
 | ``lora:r=8``        | low-rank adapters (Hu et al. 2021) through PEFT on the attention and |
 |                     | MLP projections (at 20x ``trainer.lr``), plus the new task layers;   |
 |                     | merged on export                                                     |
+| ``setfit``          | SetFit (Tunstall et al. 2022; :mod:`pretune.tasks.setfit`): the       |
+|                     | encoder on contrastive sentence pairs of the labelled examples; the  |
+|                     | linear head is not trained by the loop but fitted (as the linear     |
+|                     | probe) on the encoder's embeddings before every validation           |
 
 "New task layers" are the parameters that were not in the loaded checkpoint (a classifier, a
 pooler the checkpoint lacked...): they always train, at ``trainer.head_lr`` when given.  What
@@ -82,7 +86,7 @@ def apply(strategy: StrategyConfig, model: Classifier, epoch: int = 0, per_stage
     if strategy.name == "lora":
         return []  # PEFT has frozen the base weights already
     groups = model.layer_groups()
-    if strategy.name in ("full", "llrd"):
+    if strategy.name in ("full", "llrd", "setfit"):
         trainable = list(range(len(groups)))
     elif strategy.name == "freeze-bottom":
         trainable = list(range(1 + strategy.layers, len(groups)))
@@ -95,11 +99,11 @@ def apply(strategy: StrategyConfig, model: Classifier, epoch: int = 0, per_stage
     trainable_ids = {id(p) for i in trainable for module in groups[i] for p in module.parameters()}
     for name, param in model.named_parameters():
         if name in model.new_parameters:
-            param.requires_grad_(True)
+            param.requires_grad_(strategy.name != "setfit")  # SetFit's head is fitted, not trained
         elif id(param) in backbone_ids:
             param.requires_grad_(id(param) in trainable_ids)
         else:  # loaded weights outside the layer stack (final norm, pooler): with the top layer
-            param.requires_grad_(strategy.name in ("full", "llrd") or bool(trainable))
+            param.requires_grad_(strategy.name in ("full", "llrd", "setfit") or bool(trainable))
     return trainable
 
 
@@ -117,7 +121,7 @@ def lr_scales(strategy: StrategyConfig, model: Classifier, head_scale: float = 1
             if id(param) in by_id:
                 scales[name] = by_id[id(param)]
     for name in model.new_parameters:
-        scales[name] = head_scale
+        scales[name] = head_scale if strategy.name != "setfit" else 0.0
     return scales
 
 

@@ -146,3 +146,37 @@ def test_predictions_follow_the_output_extension_for_text_models(tmp_path, tiny_
         assert len(list(csv.DictReader(handle, delimiter="\t"))) == len(table)
     jsonl = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert [row["label"] for row in jsonl] == [row["label"] for row in table]
+
+
+def test_setfit_trains_the_encoder_on_pairs_and_fits_the_head_before_every_validation(tmp_path, tiny_encoder, topics):
+    run_dir = finetune(tmp_path, tiny_encoder, topics, "strategy=setfit:pairs=2", "trainer.epochs=2", "trainer.patience=null",
+                       "data.budget=4")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    validated = [r["step"] for r in rows if r["split"] == "validation"]
+    refitted = [r["step"] for r in rows if r["split"] == "refit"]
+    assert validated == refitted and len(validated) == 3  # step 0 (the probe on the pretrained encoder) and two epochs
+    assert all("pair_loss" in r for r in rows if r["split"] == "train")
+    start = next(r for r in rows if r["split"] == "start")
+    assert start["examples"] == 20  # 4 labels per class x 5 classes, each anchoring ceil(2 / 2) = 1 row per epoch
+    model = run_dir / "model"
+    assert (model / "head.safetensors").is_file() and json.loads((model / "pretune.json").read_text())["pooling"] == "mean"
+    encoder = transformers.AutoModel.from_pretrained(model).state_dict()
+    pretrained = transformers.AutoModel.from_pretrained(tiny_encoder).state_dict()
+    assert not torch.equal(encoder["encoder.layer.0.attention.self.query.weight"],
+                           pretrained["encoder.layer.0.attention.self.query.weight"])
+    assert main(["evaluate", str(model), f"data={topics / 'test.csv'}", "--out", str(tmp_path / "m.json")]) == 0
+    assert 0 <= json.loads((tmp_path / "m.json").read_text())["accuracy"] <= 1
+
+
+def test_setfit_refuses_tasks_it_does_not_do(tmp_path, tiny_encoder, topics, capsys):
+    code = main(["finetune", "recipes/text-classify.yaml", f"model={tiny_encoder}", f"run_dir={tmp_path / 'r'}",
+                 f"data.train={topics / 'train.csv'}", "task.multi_label=true", "strategy=setfit", *FAST])
+    assert code != 0
+    assert "setfit fine-tunes a text encoder for single-label classification" in capsys.readouterr().err
+
+
+def test_a_batch_larger_than_the_labelled_set_shrinks_to_fit_it(tmp_path, tiny_encoder, topics, capsys):
+    run_dir = finetune(tmp_path, tiny_encoder, topics, "data.budget=1", "trainer.epochs=2", "trainer.patience=null")
+    assert "trainer.batch_size 8 is more than the 5 training examples fill" in capsys.readouterr().err
+    start = next(json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"start"' in line)
+    assert start["examples"] == 5 and start["total_steps"] == 2  # one batch of all 5 labels per epoch

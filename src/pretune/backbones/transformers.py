@@ -272,20 +272,24 @@ def declared_pooling(path: str | Path) -> str | None:
     return ST_MODES[modes[0]]
 
 
-def choose_pooling(path: str | Path, requested: str, decoder: bool, linear: bool) -> tuple[str | None, str]:
+def choose_pooling(path: str | Path, requested: str, decoder: bool, linear: bool, sentence: bool = False) -> tuple[str | None, str]:
     """The pooling a classifier reads (None: the architecture's own Hugging Face head) and why.
 
     ``auto``: the folder's sentence-transformers pooling; otherwise the architecture's head (BERT's
     pooled ``[CLS]``, a decoder's last real token).  ``linear`` (a linear probe fitted on frozen
     features) wants one linear layer on the pooled vector, so ``auto`` then reads the token the
     architecture's head reads (``cls`` / ``last``) without the head's extra layers (a pooler or
-    dense layer the probe could not fit, a decoder's bias-free score)."""
+    dense layer the probe could not fit, a decoder's bias-free score).  ``sentence`` (SetFit, which
+    trains sentence embeddings) reads mean pooling when the folder declares none: what
+    sentence-transformers gives a plain transformer."""
     if requested != "auto":
         own = requested == "last" and decoder and not linear  # exactly what a decoder's own head reads
         return (None if own else requested), f"task.pooling={requested}"
     declared = declared_pooling(path)
     if declared is not None:
         return declared, "the folder's sentence-transformers pooling"
+    if sentence:
+        return "mean", "a sentence embedding: sentence-transformers' default pooling for a plain transformer"
     if linear:
         return ("last" if decoder else "cls"), "a linear probe reads the token the architecture's head reads"
     return None, "the architecture's own head"
@@ -492,15 +496,15 @@ class HF(Backbone):
                            max_positions=len(data.train[0]["input_ids"]))
 
     def classifier(self, head: Head, label_names: list[str], data: Any, *, dropout: float = 0.0, augment: Any = None,
-                   pooling: str = "auto", linear: bool = False) -> Classifier:
+                   pooling: str = "auto", linear: bool = False, sentence: bool = False) -> Classifier:
         """The architecture's own Hugging Face head class, or :class:`PooledClassifier` when the pooling
         (:func:`choose_pooling`: ``task.pooling``, the folder's sentence-transformers pooling, or a linear
-        probe's ``linear`` head) is not what that head computes."""
+        probe's ``linear`` head, SetFit's ``sentence`` embedding) is not what that head computes."""
         cfg = self.cfg
         if not cfg.path:
             raise RecipeError("recipe key 'backbone.path': fine-tuning needs a model folder to start from (a pretune run's model/ or a Hugging Face folder)")
         config = load_config(cfg.path)
-        chosen, why = (None, "") if head.per_token else choose_pooling(cfg.path, pooling, family_of(cfg) == "decoder", linear)
+        chosen, why = (None, "") if head.per_token else choose_pooling(cfg.path, pooling, family_of(cfg) == "decoder", linear, sentence)
         if chosen is not None:
             return pooled_classifier(cfg, chosen, why, head, label_names, data)
         kwargs: dict[str, Any] = {"num_labels": head.outputs(label_names)}

@@ -15,6 +15,7 @@ loop may use is declared here with a default, so a task overrides only what it h
                    by default one phase, ``{"main": losses}``; ``phase_parameters`` says what each trains
 ``perplexity``     loss keys also reported as perplexity
 ``monitor``        ``(metric, "max" | "min")`` that picks the best checkpoint, or None
+``stretch``        whether ``trainer.min_steps`` may lengthen the run (not SetFit's: its pair count is its schedule)
 ``unit``           what throughput counts: ``"tok"`` (tokens) or ``"ex"`` (examples)
 ``label_names``    class names by id (fine-tuning), saved with the run so every rank and a resume agree
 ``head``           the head kind (:mod:`pretune.heads`) of a fine-tuning task; it parses the labels
@@ -28,6 +29,8 @@ loop may use is declared here with a default, so a task overrides only what it h
 ``wants_logits``   whether ``score`` needs every validation batch's ``logits`` and ``labels``
 ``score``          metrics over the whole validation set (F1, confusion matrix...)
 ``on_epoch``       called at the start of every epoch; returns a note to log when what trains changed
+``refit``          before every validation (and before saving a model no validation picked): fit the
+                   parts of the model that are fitted rather than trained (SetFit's head); returns a note
 ``param_groups``   per-parameter learning-rate multipliers (LLRD, the head's own lr)
 =================  ===============================================================================
 
@@ -57,6 +60,7 @@ class Task:
     phases: dict[str, tuple[str, ...]] | None = None
     perplexity: tuple[str, ...] = ()
     monitor: tuple[str, str] | None = None
+    stretch: bool = True
     unit: str = "tok"
     label_names: list[str] | None = None
     head: Head | None = None
@@ -110,6 +114,10 @@ class Task:
 
     def on_epoch(self, module: nn.Module, epoch: int) -> str | None:
         """Start of ``epoch``; a returned note (e.g. "unfroze layer 3") is logged and means what trains changed."""
+        return None
+
+    def refit(self, module: nn.Module, device: torch.device, precision: str) -> str | None:
+        """Fit what is fitted rather than trained, from the model as it is now; a returned note is logged."""
         return None
 
     def lr_scales(self, module: nn.Module) -> dict[str, float] | None:

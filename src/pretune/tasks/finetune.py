@@ -38,6 +38,7 @@ from pretune.errors import RecipeError
 from pretune.heads import Head
 from pretune.recipe import Section, StrategyConfig
 from pretune.registry import TASKS
+from pretune.tasks import setfit
 from pretune.tasks.base import Task
 from pretune.trainer.flops import forward_flops
 from pretune.trainer.precision import autocast
@@ -86,6 +87,8 @@ class FineTuneModel(nn.Module):
         return self
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if "pair_targets" in batch:  # SetFit's contrastive step: sentence embeddings of anchors and partners
+            return {setfit.PAIR_LOSS: setfit.pair_loss(self.model.encode(batch), batch["pair_targets"])}
         logits = self.model.head_logits(batch["features"]) if "features" in batch else self.model(batch)
         logits = logits.float()
         return {self.head.loss_key: self.head.loss(logits, batch["labels"], self.class_weights), "logits": logits.detach()}
@@ -104,12 +107,16 @@ class Finetune(Task):
         self.head = heads.get("multi" if cfg.name == "classify" and cfg.multi_label else HEAD_OF_TASK[cfg.name])
         if cfg.class_weights is not None and not self.head.class_weights:  # would be silently ignored otherwise
             raise RecipeError(f"recipe key 'task.class_weights': applies to single-label classification only, not to {self.head.name!r} tasks")
-        self.losses = (self.head.loss_key,)
+        self.setfit = strategy.name == "setfit"
+        self.losses = (setfit.PAIR_LOSS,) if self.setfit else (self.head.loss_key,)
+        self.stretch = not self.setfit  # SetFit's schedule is its pair count (strategy.pairs), not trainer.min_steps
         self.monitor = self.head.monitor
         self.class_weights: torch.Tensor | None = None
         self.trainable_groups: list[int] | None = None
         self.flops_per_example: float | None = None  # images / vectors: counted once, on the first batch
         self.probe_data: TensorRows | None = None  # cached training features to fit the probe on
+        self.pair_source: Any = None  # SetFit: the labelled training rows the pairs are drawn from
+        self.anchors: setfit.PairAnchors | None = None  # ... and the rows it trains on
         self.fitted = False
 
     # -- model --------------------------------------------------------------------------------------
@@ -130,7 +137,11 @@ class Finetune(Task):
             data.label_names = names + [f"I-{n[2:]}" for n in names if n.startswith("B-") and f"I-{n[2:]}" not in names]
             data.all_subwords = True
         self.label_names = data.label_names
-        text = {"pooling": self.cfg.pooling, "linear": self.fits_probe} if backbone.modality == "text" else {}
+        if self.setfit and (backbone.modality != "text" or self.head.name != "single"):
+            raise RecipeError("recipe key 'strategy': setfit fine-tunes a text encoder for single-label classification "
+                              f"(task: classify); this run is {backbone.modality} {self.head.name}")
+        text = ({"pooling": self.cfg.pooling, "linear": self.fits_probe or self.setfit, "sentence": self.setfit}
+                if backbone.modality == "text" else {})
         model = backbone.classifier(self.head, self.label_names, data, dropout=self.cfg.head_dropout, augment=self.cfg.augment, **text)
         strategies.prepare(self.strategy, model)
         self.class_weights = self._class_weights(data)
@@ -153,12 +164,18 @@ class Finetune(Task):
             what = "all layer groups" if len(trainable) == groups else (f"layer groups {trainable[0]}-{trainable[-1]} of 0-{groups - 1}" if trainable else "no layer group")
             notes.append(f"{self.strategy} trains the new task layers and {what} ({strategies.describe(module)})")
         if self.probe_data is not None and not self.fitted and epoch == 0:  # a resumed run past epoch 0 loaded the fitted head
-            notes.append(self._fit_probe(module.model))
+            notes.append(self._fit_probe(module.model, self.probe_data))
         return "; ".join(notes) or None
 
-    def _fit_probe(self, model: Classifier) -> str:
+    def refit(self, module: FineTuneModel, device: torch.device, precision: str) -> str | None:
+        """SetFit: fit the linear head on the encoder's embeddings of the labelled training rows as they
+        are now (before every validation, and before saving a model no validation picked)."""
+        if not self.setfit:
+            return None
+        return self._fit_probe(module.model, self._encode(module.model, self.pair_source, device, precision))
+
+    def _fit_probe(self, model: Classifier, train: TensorRows) -> str:
         """Fit the linear head on the cached training features (:func:`pretune.strategies.fit_probe`) and write it into the model."""
-        train = self.probe_data
         fit = strategies.fit_probe(self.head, train.columns["features"], train.columns["labels"], weights=self.class_weights,
                                    names=self.label_names, threshold=self.cfg.threshold, seed=self.seed)
         layer = model.linear_head()
@@ -171,6 +188,8 @@ class Finetune(Task):
                   f"{', '.join(f'{c:g}: {v:.4g}' for c, v in fit.scores.items())}; C=1 unless beaten by one standard error)"
                   if fit.scores else "C=1 (too few examples to cross-validate)")
         how = "ridge regression" if self.head.name == "regression" else f"L-BFGS ({fit.iterations} iterations)"
+        if self.setfit:
+            return f"head fitted by {how} on the encoder's embeddings of {len(train)} labelled examples, {chosen}"
         return f"linear probe fitted by {how} on {len(train)} cached examples, {chosen}; the loop's steps leave it unchanged (lr 0)"
 
     def lr_scales(self, module: FineTuneModel) -> dict[str, float]:
@@ -192,6 +211,11 @@ class Finetune(Task):
 
     # -- batches ------------------------------------------------------------------------------------
     def collate(self, rows: dict[str, Any], seeds: list[int]) -> dict[str, torch.Tensor]:
+        if "anchor" in rows:  # SetFit: each anchor with a positive and a negative partner drawn from its seed
+            positives, negatives = self.anchors.partners(rows["anchor"], seeds)
+            texts = setfit.pair_rows(self.pair_source, rows["anchor"], positives, negatives)
+            batch = self.backbone.collate(texts, seeds * 3, self.head, self.data)
+            return {k: v for k, v in batch.items() if k != "labels"} | {"pair_targets": setfit.pair_targets(len(seeds))}
         if "features" in rows:  # cached by prepare()
             return {"features": torch.as_tensor(rows["features"]), "tokens": torch.as_tensor(rows["tokens"]),
                     "labels": torch.as_tensor(rows["labels"])}
@@ -201,13 +225,15 @@ class Finetune(Task):
         return batch
 
     def units(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if "pair_targets" in batch:
+            return {setfit.PAIR_LOSS: torch.tensor(len(batch["pair_targets"]))}
         return {self.head.loss_key: self.head.units(batch["labels"], self.class_weights)}
 
     def tokens(self, batch: dict[str, torch.Tensor]) -> int:
         """Real (unpadded) text tokens, or examples; for cached features, what they were encoded from."""
         if "tokens" in batch:
             return int(batch["tokens"].sum())
-        return int(batch["attention_mask"].sum()) if "attention_mask" in batch else len(batch["labels"])
+        return int(batch["attention_mask"].sum()) if "attention_mask" in batch else len(next(iter(batch.values())))
 
     def flops(self, module: FineTuneModel, batch: dict[str, torch.Tensor]) -> float:
         new = sum(p.numel() for n, p in module.model.named_parameters() if n in module.model.new_parameters)
@@ -227,6 +253,15 @@ class Finetune(Task):
         fitted, ``task.probe: lbfgs``) on the features.  ``task.cache_features=false`` keeps the loop's
         steps on the raw data (the fit still reads the features)."""
         self.data = data
+        if self.setfit:  # train on anchors, each drawing its partners; the labelled rows stay for the head's fit
+            self.pair_source = data.train
+            labels = [int(y) for y in self.head.tensor(data.train[:]["labels"])]
+            repeats = setfit.repeats_per_epoch(len(labels), self.strategy.pairs, self.strategy.max_pairs, self.epochs or 1.0)
+            try:
+                self.anchors = setfit.PairAnchors(data.train, labels, repeats)
+            except ValueError as exc:
+                raise RecipeError(f"recipe key 'strategy': {exc}") from None
+            return RunData(**{**vars(data), "train": self.anchors})
         if not (self.strategy.frozen_backbone and module.model.supports_cache(self.head)):
             return data
         fit = self.fits_probe and module.model.linear_head() is not None

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,13 +85,19 @@ def fit(task: Task, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path,
     # every rank must run the same steps, or each waits forever in a collective the others never reach
     distributed.check_same({"training examples": len(data.train),
                             "validation examples": -1 if data.validation is None else len(data.validation)}, world)
+    fits = len(data.train) // (cfg.accumulate * world.size)  # the largest batch that fills one step
+    if 0 < fits < cfg.batch_size:  # a few labels (8 per class): one step per epoch on all of them, not an error
+        print(f"pretune: note: trainer.batch_size {cfg.batch_size} is more than the {len(data.train)} training examples fill "
+              f"(x accumulate {cfg.accumulate} x {world.size} process(es)); batches of {fits}", file=sys.stderr, flush=True)
+        recipe = recipe.model_copy(update={"trainer": cfg.model_copy(update={"batch_size": fits})})
+        cfg = recipe.trainer
     steps_per_epoch = len(batching.batch_order(len(data.train), cfg.batch_size, recipe.seed, 0, world.rank, world.size)) // cfg.accumulate
     if steps_per_epoch == 0:
         raise TrainingError(
             f"{len(data.train)} training examples do not fill one step of batch_size {cfg.batch_size} x accumulate "
             f"{cfg.accumulate} x {world.size} process(es); lower trainer.batch_size or add data"
         )
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch), cfg.min_steps or 0)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch), (cfg.min_steps or 0) if task.stretch else 0)
     max_time = cfg.max_time  # seconds of training, resumed runs included (TrainerConfig.max_time)
 
     trainer = Trainer(task, module, recipe, world, total_steps, run_dir)
@@ -129,6 +136,11 @@ def fit(task: Task, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path,
                 checkpoint.copy_atomically(run_dir / "best", run_dir / "model")
         distributed.barrier(world, f"the checkpoint of step {progress.step}")
 
+    def refit() -> None:  # what is fitted rather than trained (SetFit's head), from the model as it is now
+        note = task.refit(module, world.device, trainer.precision)
+        if note:
+            log.note(progress.step, "refit", note)
+
     def write_best(path: Path) -> None:
         (path / "model").mkdir()
         task.save(module, path / "model", data)
@@ -137,6 +149,7 @@ def fit(task: Task, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path,
 
     def validate() -> bool:
         """Evaluate, keep the best model, and say whether early stopping ends the run (on every rank alike)."""
+        refit()
         progress.last_eval = evaluate(task, module, data.validation, recipe, world, trainer.precision)
         checkpoint.crash_point("eval", progress.step)  # fault injection for tests/reliability (no-op otherwise)
         progress.last_eval.update(task.probe(module, data, device=world.device, precision=trainer.precision,  # k-NN accuracy...
@@ -234,6 +247,8 @@ def fit(task: Task, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path,
             progress.epoch += 1
             progress.position = 0
 
+    if data.validation is None:  # the saved model is the last one: its fitted parts must match it
+        refit()
     save(final=True)
     metrics: dict[str, Any] = dict(progress.last_eval)
     if monitor is not None and progress.baseline is not None and progress.best is not None and not _better(progress.best, progress.baseline, mode):
