@@ -165,3 +165,33 @@ def test_the_scratch_arm_gets_its_own_learning_rate_and_a_longer_schedule(tmp_pa
     assert f"lr x {pick} picked from x0.1:" in given["scratch"] and "lr x" not in given["pretrained full"]
     assert "What each arm was given" in (study_dir / "report.html").read_text()
     assert {r["arm"] for r in result.rows} == {"pretrained full", "scratch"} and len(result.rows) == 4  # search runs are not cells
+
+
+def test_selection_arms_label_typiclust_picks_and_validate_on_the_random_arms_rows(tmp_path, tiny_encoder, topics):
+    from pretune.select import typiclust
+    from pretune.studies.selection import Selector
+
+    study_dir = tmp_path / "study"
+    args = [f"model={tiny_encoder}", f"data.train={topics / 'train.csv'}", f"data.test={topics / 'test.csv'}",
+            f"run_dir={study_dir}", "budgets=[2,4]", "seeds=1", "strategies=[full]", "scratch=false", "selection=true",
+            "data.max_length=32", "trainer.batch_size=8", "trainer.epochs=1", *FAST]
+    result = C.compare(ROOT / "recipes/study-text.yaml", args)
+    assert {r["arm"] for r in result.rows} == {"pretrained full", "pretrained full, typiclust labels"} and len(result.rows) == 4
+    picked = study_dir / "selected" / "budget-2_seed-0"
+    train = list(csv.DictReader(open(picked / "train.csv")))
+    assert len(train) == 2 * 5  # as many labels as 2 per class of the 5 classes, picked without looking at them
+    # the picks are TypiClust's on the pool (training file minus the seed's validation rows), deterministic
+    _, _, recipe = C.load_study(ROOT / "recipes/study-text.yaml", args)
+    selector = Selector(recipe, tmp_path / "again")
+    from pretune.data.labelled import build_labelled
+    pool = list(build_labelled(selector.data_cfg, "single", 0).train["text"])
+    rows = [r for r, _ in typiclust(selector.embed(pool), 10, 0)]
+    assert [r["text"] for r in train] == [pool[r] for r in rows]
+    # both arms validate on the same rows; the selection cell's label set is every class of the training file
+    cell = load_recipe(study_dir / "cells" / "pretrained-full-typiclust_budget-2_seed-0" / "recipe.yaml")
+    assert cell.data["labels"] == sorted({r["label"] for r in csv.DictReader(open(topics / "train.csv"))})
+    validation = [r["text"] for r in csv.DictReader(open(picked / "validation.csv"))]
+    assert validation and not set(validation) & set(pool)
+    effects = json.load(open(study_dir / "study.json"))["selection"]
+    assert [(e["arm"], e["budget"]) for e in effects] == [("pretrained full", 2), ("pretrained full", 4)]
+    assert "typiclust picks" in effects[0]["text"] and "Which rows to label" in (study_dir / "report.md").read_text()

@@ -10,7 +10,7 @@ becomes a :class:`datasets.Dataset` holding the text column(s) and a ``labels`` 
     tags         a tag id per word (the text is words)    sorted tags of train
 
 Labels sort numerically when all look like integers, else alphabetically, unless a saved model's
-``label_names`` fix the map.  Multi-label cells: lists or ``"a;b"`` (``""``/``[]``: no label);
+``label_names`` or the recipe's ``data.labels`` fix the map.  Multi-label cells: lists or ``"a;b"`` (``""``/``[]``: no label);
 tagging cells: lists or space-separated strings.  Without a validation file a stratified share of
 train is held out; the *budget* keeps part of the rest per class, nested across budgets.
 """
@@ -53,6 +53,7 @@ class LabelledDataConfig(Section):
     budget: float | int | None = None  # float in (0, 1]: fraction per class; int >= 1: rows per class
     budget_seed: int = 0
     max_length: int = Field(128, ge=8)
+    labels: list[str] | None = None  # the label set, by id; null: the sorted labels of train (fix it when train may lack a class)
 
     @field_validator("budget", mode="before")  # before: True is not 1 and 1 is not 1.0
     @classmethod
@@ -292,13 +293,13 @@ def build_labelled(cfg: LabelledDataConfig, head: Head | str, seed: int, label_n
     texts, raw = _parse(cfg.train, cfg, head)
     if not head.has_classes:
         names: list[str] = []
-    elif label_names is not None:
-        names = [str(name) for name in label_names]
+    elif label_names is not None or cfg.labels is not None:
+        names = [str(name) for name in (label_names if label_names is not None else cfg.labels)]
     else:
         keys = {key for value in raw for key in head.keys(value)}
         names = sorted(keys, key=int) if all(re.fullmatch(r"[+-]?\d+", k) for k in keys) else sorted(keys)
     labels = _encode(cfg.train, cfg.label, head, raw, names, not_in_map(names))
-    unseen = f"never appears in {cfg.train}" if label_names is None else not_in_map(names)
+    unseen = f"never appears in {cfg.train}" if label_names is None and cfg.labels is None else not_in_map(names)
     features = _features(cfg, head, names)
 
     def other(path: str | None) -> datasets.Dataset | None:

@@ -41,9 +41,10 @@ from pretune.recipe import Recipe, Section, apply_overrides, read_yaml, validate
 from pretune.studies.curves import Curve, fit
 from pretune.studies.curves import worth as curve_worth
 from pretune.studies.report import budget_label, read_metrics, study_report
+from pretune.studies.selection import SELECTION, Selector
 from pretune.studies.stats import Bootstrap
 
-STUDY_FIELDS = ("budgets", "seeds", "strategies", "scratch", "scratch_lr_search", "scratch_epochs")
+STUDY_FIELDS = ("budgets", "seeds", "strategies", "scratch", "scratch_lr_search", "scratch_epochs", "selection")
 
 
 class StudyConfig(Section):
@@ -57,6 +58,9 @@ class StudyConfig(Section):
     # budget and first seed, picked on validation) and a longer schedule with early stopping
     scratch_lr_search: list[float] = [0.3, 1.0, 3.0]
     scratch_epochs: float = Field(3.0, gt=0)  # times the recipe's trainer.epochs, with trainer.patience (3 when unset)
+    # also label each budget's rows picked by TypiClust on the pretrained model's embeddings (pretune select), beside the
+    # random per-class picks, for every pretrained arm (text studies; pretune.studies.selection)
+    selection: bool = False
 
     @field_validator("budgets")
     @classmethod
@@ -86,13 +90,14 @@ class Cell:
     pretrained: bool
     budget: float | int
     seed: int
-    extra: tuple[str, ...] = ()  # the arm's own settings (scratch: its searched lr, longer schedule)
+    extra: tuple[str, ...] = ()  # the arm's own settings (scratch: its searched lr, longer schedule; selection: its files)
     prefix: str = ""  # "lr-search-x3_" for the scratch arm's learning-rate search runs
+    selection: str = ""  # "typiclust": the labelled rows are picked from the embeddings, not at random per class
 
     @property
     def name(self) -> str:
         arm = "scratch" if not self.pretrained else "pretrained-" + re.sub(r"[^A-Za-z0-9.]+", "-", self.strategy).strip("-")
-        return f"{self.prefix}{arm}_budget-{self.budget}_seed-{self.seed}"
+        return f"{self.prefix}{arm}{'-' + self.selection if self.selection else ''}_budget-{self.budget}_seed-{self.seed}"
 
     def overrides(self, cells_dir: Path) -> list[str]:
         return [f"run_dir={cells_dir / self.name}", f"seed={self.seed}", f"strategy={self.strategy}",
@@ -122,9 +127,10 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> tuple[StudyConfig
 def plan(study: StudyConfig, base_seed: int) -> list[Cell]:
     """Every cell of the study, budget by budget (so a partial study already has whole budgets)."""
     seeds = study.seeds if isinstance(study.seeds, list) else [base_seed + i for i in range(study.seeds)]
-    arms = [(f"pretrained {s}", s, True) for s in study.strategies] + ([("scratch", "full", False)] if study.scratch else [])
-    return [Cell(arm, strategy, pretrained, budget, seed)
-            for budget in study.budgets for seed in seeds for arm, strategy, pretrained in arms]
+    arms = [(f"pretrained {s}", s, True, "") for s in study.strategies] + ([("scratch", "full", False, "")] if study.scratch else [])
+    arms += [(f"pretrained {s}, {SELECTION} labels", s, True, SELECTION) for s in study.strategies] if study.selection else []
+    return [Cell(arm, strategy, pretrained, budget, seed, selection=selection)
+            for budget in study.budgets for seed in seeds for arm, strategy, pretrained, selection in arms]
 
 
 def compare(path: str | Path, overrides: list[str] = (), *, report: bool = True, overwrite: bool = False) -> StudyResult:
@@ -151,6 +157,10 @@ def run_study(raw: dict[str, Any], study: StudyConfig, *, report: bool = True, o
     if study.scratch:
         extra, given["scratch"] = scratch_settings(raw, recipe, study, cells, study_dir / "cells", metric, mode)
         cells = [replace(c, extra=extra) if not c.pretrained else c for c in cells]
+    if study.selection:
+        selector = Selector(recipe, study_dir)
+        cells = [replace(c, extra=selector.overrides(c.budget, c.seed)) if c.selection else c
+                 for c in cells if not (c.selection and selector.whole_pool(c.budget, c.seed))]
     rows = []
     for number, cell in enumerate(cells, 1):
         print(f"cell {number}/{len(cells)}: {cell.arm}, budget {budget_label(cell.budget)}, seed {cell.seed}")
@@ -209,10 +219,11 @@ def finish(study_dir: Path, study: StudyConfig, metric: str, mode: str, rows: li
     if worth:
         headline += "; " + "; ".join(worth_text(arm, w) for arm, w in worth.items())
     cost = costs(rows, base, worth, study.budgets)
+    selected = selection_effects(rows, boot, mode)
     write_results(study_dir / "results.csv", rows)
     (study_dir / "study.json").write_text(json.dumps(
         {"metric": metric, "mode": mode, "study": study.model_dump(), "headline": headline, "matches": matches,
-         "curves": curves, "worth": worth, "cost": cost, "given": given or {},
+         "curves": curves, "worth": worth, "cost": cost, "given": given or {}, "selection": selected,
          "summary": summary, "cells": rows}, indent=1))
     result = StudyResult(study_dir, metric, mode, rows, summary, headline, matches)
     for row in rows:  # every cell's model card says which study it belongs to and what the study concluded
@@ -224,7 +235,25 @@ def finish(study_dir: Path, study: StudyConfig, metric: str, mode: str, rows: li
     print(f"headline: {headline}")
     for line in cost["tradeoff"]:
         print(f"trade-off: {line}")
+    for entry in selected:
+        print(f"selected vs random labels: {entry['text']}")
     return result
+
+
+def selection_effects(rows: list[dict[str, Any]], boot: Bootstrap, mode: str) -> list[dict[str, Any]]:
+    """For each selection arm and budget: its score minus the random-label arm's, with the 95% interval."""
+    groups = _groups(rows)
+    out = []
+    for (arm, budget), members in groups.items():
+        if not arm.endswith(f", {SELECTION} labels") or (random := arm[: -len(f", {SELECTION} labels")], budget) not in groups:
+            continue
+        diff = boot.difference(members, groups[(random, budget)])
+        mean = lambda cells: statistics.fmean(c["score"] for c in cells)  # noqa: E731
+        text = (f"{random} at {budget_label(budget)}: {SELECTION} picks {mean(members):.3f} vs random per-class picks "
+                f"{mean(groups[(random, budget)]):.3f}" + _noise(diff, mode))
+        out.append({"arm": random, "budget": budget, "selected": mean(members), "random": mean(groups[(random, budget)]), **diff,
+                    "text": text})
+    return out
 
 
 def run_cell(raw: dict[str, Any], cell: Cell, cells_dir: Path, metric: str) -> dict[str, Any]:

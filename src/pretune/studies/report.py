@@ -228,6 +228,9 @@ def study_report(study_dir: str | Path) -> Path:
                     + "; ".join(f"{', '.join(tied)} at {budget_label(budget)} ({mean:.4f})" for budget, mean, tied in ties) + ".")
     report.table(["arm", *[budget_label(b) for b in budgets]],
                  [[arm, *[(_mean_cell(by[(arm, b)]) if (arm, b) in by else "") for b in budgets]] for arm in arms])
+    if study.get("selection"):
+        report.text("Which rows to label (TypiClust picks on the pretrained embeddings, the same number of labels as the "
+                    "random per-class picks): " + "; ".join(entry["text"] for entry in study["selection"]) + ".")
 
     report.heading("training curves")
     figure, sparse = _curves(cells, arms, budgets)
