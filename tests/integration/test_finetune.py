@@ -180,3 +180,13 @@ def test_a_batch_larger_than_the_labelled_set_shrinks_to_fit_it(tmp_path, tiny_e
     assert "trainer.batch_size 8 is more than the 5 training examples fill" in capsys.readouterr().err
     start = next(json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"start"' in line)
     assert start["examples"] == 5 and start["total_steps"] == 2  # one batch of all 5 labels per epoch
+
+
+def test_an_early_stop_between_log_lines_still_logs_the_steps_it_ran(tmp_path, tiny_encoder, topics):
+    run_dir = finetune(tmp_path, tiny_encoder, topics, "trainer.epochs=20", "trainer.log_every=1000", "trainer.eval_every=2",
+                       "trainer.patience=1", "trainer.lr=1e-7", "trainer.head_lr=1e-7")  # learns nothing: stops at the 2nd evaluation
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = max(r["step"] for r in rows if r["split"] == "validation")
+    train = [r for r in rows if r["split"] == "train"]
+    assert last < 100 and max(r["step"] for r in train) == last  # the study's cost accounting reads these lines
+    assert all(r["flops"] > 0 for r in train)

@@ -213,7 +213,9 @@ def fit(task: Task, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path,
                 sums[k] = sums.get(k, 0) + v
             for k, v in out.units.items():
                 counts[k] = counts.get(k, 0) + v
-            if progress.step % cfg.log_every == 0 or last:
+            evaluating = data.validation is not None and (progress.step % eval_every == 0 or last)
+            # a train line before every evaluation too: an early stop there must not leave the last steps' FLOPs unlogged
+            if progress.step % cfg.log_every == 0 or last or evaluating:
                 seconds = time.perf_counter() - window_start
                 values = name_metrics(distributed.means(sums, counts, world), task)
                 values.update({"grad_norm" if not trainer.multi else f"grad_norm_{n}": float(g) for n, g in out.grad_norms.items()})
@@ -229,7 +231,7 @@ def fit(task: Task, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path,
                 window_start, window_tokens, window_examples, window_flops = time.perf_counter(), 0.0, 0.0, 0.0
 
             # 5. evaluate (and keep the best model)
-            if data.validation is not None and (progress.step % eval_every == 0 or last):
+            if evaluating:
                 stop = validate()
                 if stop:
                     log.print(f"early stop at step {progress.step}: no better {monitor} in {cfg.patience} evaluations "
