@@ -140,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="pretrain on embedded text and digits, fine-tune on a few labels, compare with training from scratch")
     demo.add_argument("--run-dir", default="runs/demo", help="where the demo's runs, studies and reports go (default: %(default)s)")
-    demo.add_argument("--steps", type=int, default=None, help="pretraining steps of each act (default: about 6 minutes in all on 2 CPU cores)")
+    demo.add_argument("--steps", type=int, default=None, help="pretraining steps of each act (default: about 10 minutes in all on 2 CPU cores)")
     demo.add_argument("--images", action="store_true", help="only act 3: SimCLR on the embedded digits, then 5%% of the labels")
     return parser
 

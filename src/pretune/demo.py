@@ -11,9 +11,10 @@ the embedded handwritten digits without their labels, then fine-tuning with 5% o
 beside the same CNN trained from scratch on those labels; both scored on held-out digits that
 pretraining never saw.
 Acts 2 and 3 are label-efficiency studies (:mod:`pretune.studies.compare`): each arm also runs at
-100% of the labels, and the demo ends by writing the studies' reports (``report.html`` with the
-plots) and printing their headline: how few labels the pretrained model needs to match the network
-trained from scratch on all of them.
+100% of the labels, with 3 seeds, and the demo ends by writing the studies' reports (``report.html``
+with the plots) and printing their headline: how few labels the pretrained model needs to match the
+network trained from scratch on all of them, with 95% intervals (bootstrap over seeds and test
+examples) and whether each difference is outside the noise.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def pretrain_recipe(run_dir: Path, steps: int | None):
         "trainer.lr=2e-3", "trainer.batch_size=32", "trainer.warmup=0.1", "trainer.eval_every=200",
         "trainer.eval_batches=20", "trainer.save_every=200", "trainer.log_every=10",
     ]
-    overrides.append(f"trainer.max_steps={steps}" if steps else "trainer.epochs=12")
+    overrides.append(f"trainer.max_steps={steps}" if steps else "trainer.epochs=9")  # ~820 steps: 12 epochs lowered the loss by 0.03 more
     return load_recipe(None, overrides)
 
 
@@ -85,34 +86,36 @@ def simclr_recipe(run_dir: Path, steps: int | None):
         "task.augment.crop_scale=[0.3,1.0]", "task.augment.flip=0.0", "task.augment.jitter=0.8", "task.augment.grayscale=0.2",
         *IMAGE_COMMON, "trainer.lr=2e-3", "trainer.weight_decay=1e-4", "trainer.batch_size=256", "trainer.warmup=0.05",
         "trainer.eval_every=100", "trainer.save_every=100", "trainer.log_every=10",
-        f"trainer.max_steps={steps}" if steps else "trainer.epochs=60",
+        f"trainer.max_steps={steps}" if steps else "trainer.epochs=40",  # 200 steps: k-NN 96.9% (300 steps: 97.5%)
     ])
 
 
-def image_finetune_recipe(run_dir: Path, model: Path | None, budget: float, epochs: int):
+def image_finetune_recipe(run_dir: Path, model: Path | None, budget: float, epochs: int, min_steps: int = 60):
     return load_recipe(None, [
         "kind=finetune", f"run_dir={run_dir}", "task=classify", "task.augment.crop_scale=[0.6,1.0]", "task.augment.flip=0.0",
         "task.augment.jitter=0.0", "task.augment.grayscale=0.0", *IMAGE_COMMON, f"data.budget={budget}",
         *([f"model={model}"] if model else []), "trainer.lr=1e-3", "trainer.weight_decay=1e-4", "trainer.batch_size=32",
-        f"trainer.epochs={epochs}", "trainer.eval_every=epoch", "trainer.save_every=100000",
+        f"trainer.epochs={epochs}", f"trainer.min_steps={min_steps}", "trainer.eval_every=epoch", "trainer.save_every=100000",
     ])
 
 
-def run_image_demo(run_dir: str = "runs/demo", steps: int | None = None, budget: float = 0.05, epochs: int = 30) -> dict:
+def run_image_demo(run_dir: str = "runs/demo", steps: int | None = None, budget: float = 0.05, epochs: int = 5, seeds: int = 3,
+                   min_steps: int = 60, middle: tuple[float, ...] = (0.2,)) -> dict:
     """Act 3: contrastive pretraining on unlabelled digits, then 5% (and 100%) of the labels: pretrained vs scratch."""
     root = Path(run_dir)
     print("pretune demo, act 3: SimCLR on handwritten digits without labels, then fine-tuning on 5% of the labels")
     pre = train(simclr_recipe(root / "simclr", steps), overwrite=True)
     evals = [r for r in map(json.loads, (pre.run_dir / "metrics.jsonl").read_text().splitlines()) if r["split"] == "validation"]
     # each cell is scored by its last validation evaluation: no model selection on the scored digits
-    study = run_pretrained_vs_scratch(image_finetune_recipe(root / "study-digits", pre.model_dir, budget, epochs), [budget, 1.0])
-    accuracy = _means(study, budget)
+    study = run_pretrained_vs_scratch(image_finetune_recipe(root / "study-digits", pre.model_dir, budget, epochs, min_steps),
+                                      [budget, *middle, 1.0], seeds)
+    accuracy, shown = _means(study, budget)
     n_labels = len(_image_data(budget).train)
     print("\nsummary (act 3)")
     print(f"  SimCLR:            {len(_image_data(None).unlabelled_train)} unlabelled 16x16 digits, contrastive loss "
           f"{evals[0]['contrastive_loss']:.2f} -> {evals[-1]['contrastive_loss']:.2f}, k-NN accuracy {evals[0]['knn_accuracy']:.1%} -> {evals[-1]['knn_accuracy']:.1%}")
     print(f"  fine-tuning:       {n_labels} labelled digits ({budget:.0%} of the labels), {len(_image_data(None).validation)} held out")
-    print(f"  held-out accuracy: SimCLR-pretrained + fine-tuned {accuracy['pretrained']:.1%}  vs  same CNN from scratch {accuracy['scratch']:.1%}")
+    print(f"  held-out accuracy: SimCLR-pretrained + fine-tuned {shown['pretrained']}  vs  same CNN from scratch {shown['scratch']}")
     print(f"  pretrained model:  {pre.model_dir} (pretune finetune recipes/image-classify.yaml model={pre.model_dir})")
     print(f"  study report:      {study.report}")
     print(f"  headline:          {study.headline}")
@@ -120,19 +123,26 @@ def run_image_demo(run_dir: str = "runs/demo", steps: int | None = None, budget:
             "study": study}
 
 
-def run_pretrained_vs_scratch(recipe, budgets: list[float]):
+def run_pretrained_vs_scratch(recipe, budgets: list[float], seeds: int = 3):
     """The demo's comparisons as a label-efficiency study: the recipe's model fine-tuned in full and
-    the same network from scratch, at each budget, one seed (see :mod:`pretune.studies.compare`).  To
+    the same network from scratch, at each budget and seed (see :mod:`pretune.studies.compare`).  To
     keep the demo short, scratch gets the pretrained arm's settings (no learning-rate search, the same
     epochs); ``pretune compare`` gives it its own by default."""
-    study = StudyConfig(budgets=budgets, seeds=1, strategies=["full"], scratch_lr_search=[], scratch_epochs=1.0)
+    study = StudyConfig(budgets=budgets, seeds=seeds, strategies=["full"], scratch_lr_search=[], scratch_epochs=1.0)
     return run_study(recipe.model_dump(mode="json"), study, overwrite=True)
 
 
-def _means(study, budget: float) -> dict[str, float]:
-    """{"pretrained": mean score of the pretrained arm at ``budget``, "scratch": ...}."""
-    means = {s["arm"]: s["mean"] for s in study.summary if s["budget"] == budget}
-    return {"pretrained": means["pretrained full"], "scratch": means["scratch"]}
+def _means(study, budget: float) -> tuple[dict[str, float], dict[str, str]]:
+    """The mean score of each arm at ``budget`` ({"pretrained": ..., "scratch": ...}), and the same as text with
+    its 95% interval over seeds and test examples: ``97.2% (95% interval 96.5-97.9%, 3 seeds)``."""
+    found = {s["arm"]: s for s in study.summary if s["budget"] == budget}
+    means = {"pretrained": found["pretrained full"]["mean"], "scratch": found["scratch"]["mean"]}
+
+    def text(s: dict) -> str:
+        seeds = f"{s['n']} seed{'s' if s['n'] > 1 else ''}"
+        return (f"{s['mean']:.1%} (95% interval {s['low']:.1%}-{s['high']:.1%}, {seeds})" if s.get("low") is not None
+                else f"{s['mean']:.1%} ({seeds})")
+    return means, {"pretrained": text(found["pretrained full"]), "scratch": text(found["scratch"])}
 
 
 def _image_data(budget: float | None):
@@ -140,8 +150,11 @@ def _image_data(budget: float | None):
 
 
 def run_demo(run_dir: str = "runs/demo", steps: int | None = None, finetune_epochs: int = 3, images: bool = True,
-             image_epochs: int = 30, budget: float = 0.1) -> dict:
-    """Acts 1-3 (``images=False``: acts 1 and 2); returns the numbers the summary prints."""
+             image_epochs: int = 5, budget: float = 0.1, seeds: int = 3, image_min_steps: int = 60,
+             middle: tuple[float, ...] = (0.3,), image_middle: tuple[float, ...] = (0.2,)) -> dict:
+    """Acts 1-3 (``images=False``: acts 1 and 2); returns the numbers the summary prints.  Each study runs
+    ``budget``, the ``middle`` budgets and 100% of the labels (three budgets or more give the fitted learning
+    curves and "worth k x the labels"), ``seeds`` seeds each."""
     root = Path(run_dir)
     print("pretune demo, act 1: masked-LM pretraining of a tiny BERT on Python standard-library docstrings (embedded, PSF licence)")
     result = train(pretrain_recipe(root / "pretrain", steps), overwrite=True)
@@ -154,8 +167,8 @@ def run_demo(run_dir: str = "runs/demo", steps: int | None = None, finetune_epoc
     n_train, n_test, n_classes = write_topics(root / "topics")
     # every cell is scored on the held-out docstrings (data.test)
     study = run_pretrained_vs_scratch(finetune_recipe(root / "study-topics", result.model_dir, root / "topics", True, finetune_epochs),
-                                      [budget, 1.0])
-    accuracy = _means(study, 1.0)
+                                      [budget, *middle, 1.0], seeds)
+    accuracy, shown = _means(study, 1.0)
 
     print("\nsummary")
     picks = train_rows[:: max(1, len(train_rows) // 6)] + train_rows[-1:]
@@ -167,14 +180,15 @@ def run_demo(run_dir: str = "runs/demo", steps: int | None = None, finetune_epoc
     for text, guesses in fill_mask(result.model_dir, PROBES):
         print(f"  fill-mask:         {text!r} -> {', '.join(guesses)}")
     print(f"  topic task:        {n_classes} packages, {n_train} labelled docstrings for training, {n_test} held out")
-    print(f"  test accuracy:     pretrained + fine-tuned {accuracy['pretrained']:.1%}  vs  same network from scratch {accuracy['scratch']:.1%}"
+    print(f"  test accuracy:     pretrained + fine-tuned {shown['pretrained']}  vs  same network from scratch {shown['scratch']}"
           f"  (majority class {_majority(root / 'topics'):.1%})")
     print(f"  fine-tuned model:  {study.study_dir / 'cells' / 'pretrained-full_budget-1.0_seed-0' / 'model'} "
           "(pretune predict / pretune.load / AutoModelForSequenceClassification)")
     out = {"before": before, "after": after, "model_dir": str(result.model_dir), "accuracy": accuracy, "study": study}
     if images:
         print()
-        out["images"] = run_image_demo(run_dir, steps=steps, epochs=image_epochs)
+        out["images"] = run_image_demo(run_dir, steps=steps, epochs=image_epochs, seeds=seeds, min_steps=image_min_steps,
+                                       middle=image_middle)
     print("\ndid pretraining pay off? (label-efficiency studies; reports with plots)")
     print(f"  docstring topics:  {study.headline}")
     print(f"                     {study.report}")
