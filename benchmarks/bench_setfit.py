@@ -63,6 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--budgets", type=int, nargs="+", default=BUDGETS, help="labels per class")
     parser.add_argument("--pool", type=int, default=300)
     parser.add_argument("--test", type=int, default=1000)
     parser.add_argument("--work", default=str(CACHE / "setfit"))
@@ -77,20 +78,20 @@ def main() -> None:
         train, test = write_split(name, Path(args.work) / name / "data", args.pool, args.test)
         study = compare(ROOT / "recipes" / "study-text.yaml", [
             f"model={minilm()}", f"run_dir={Path(args.work) / name / 'study'}", f"data.train={train}", f"data.test={test}",
-            f"budgets={BUDGETS}", f"strategies=[{','.join(ARMS)}]", "scratch=false", f"seeds={args.seeds}",
+            f"budgets={sorted(args.budgets)}", f"strategies=[{','.join(ARMS)}]", "scratch=false", f"seeds={args.seeds}",
             "data.max_length=64"], report=False)
         results[name] = [{k: s[k] for k in ("arm", "budget", "mean", "std", "n", "low", "high", "wall_s")} for s in study.summary]
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1))
-    print(table(results))
+    print(table(results, sorted(args.budgets)))
 
 
-def table(results: dict) -> str:
+def table(results: dict, budgets: list[int] = BUDGETS) -> str:
     """Markdown: one row per (set, budget), one column per arm: mean test accuracy [95% interval]."""
     lines = ["| set | labels per class | " + " | ".join(ARMS) + " |", "|---|---|" + "---|" * len(ARMS)]
     for name, summary in results.items():
         by = {(s["arm"], s["budget"]): s for s in summary}
-        for budget in BUDGETS:
+        for budget in budgets:
             cells = []
             for arm in ARMS:
                 s = by.get((f"pretrained {arm}", budget))
