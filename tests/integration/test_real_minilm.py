@@ -14,8 +14,8 @@ def test_minilm_beats_the_majority_class_by_a_clear_margin(tmp_path, topics):
     model = str(minilm.get_model_path())
     run_dir = tmp_path / "minilm"
     code = main(["finetune", "recipes/text-classify.yaml", f"model={model}", f"run_dir={run_dir}",
-                 f"data.train={topics / 'train.csv'}", "strategy=full", "trainer.epochs=3", "trainer.lr=1e-4",
-                 "trainer.head_lr=2e-3", "trainer.batch_size=16", "data.max_length=64", "trainer.progress=false",
+                 f"data.train={topics / 'train.csv'}", "strategy=full", "trainer.epochs=2", "trainer.lr=1e-4",
+                 "trainer.head_lr=2e-3", "trainer.batch_size=16", "data.max_length=32", "trainer.progress=false",
                  "trainer.tensorboard=false", "trainer.patience=null"])
     assert code == 0
     assert main(["evaluate", str(run_dir / "model"), f"data={topics / 'test.csv'}", "--out", str(tmp_path / "m.json")]) == 0

@@ -28,4 +28,5 @@ def image_study(tmp_path_factory, simclr_model):
 
     study_dir = tmp_path_factory.mktemp("study") / "images"
     return compare(ROOT / "recipes/study-images.yaml", [f"model={simclr_model}", f"run_dir={study_dir}", "budgets=[0.1,1.0]", "seeds=2", "scratch_lr_search=[1.0]", "scratch_epochs=1",
-                                                        "strategies=[full]", "backbone.size=tiny", "trainer.epochs=1", "trainer.log_every=4", *FAST])
+                                                        "strategies=[full]", "backbone.size=tiny", "trainer.epochs=1", "trainer.min_steps=20",
+                                                        "trainer.log_every=4", *FAST])
