@@ -98,16 +98,21 @@ def embed(model: str | Path, pool: str, column: str = "text", batch_size: int = 
     return _embed_texts(model, pool, column, batch_size)
 
 
-def _embed_texts(model: Path, pool: str, column: str, batch_size: int) -> tuple[torch.Tensor, list[Any], list[dict]]:
+def text_encoder(model: str | Path) -> tuple[Any, Any]:
+    """The encoder (``AutoModel``, safetensors only) and tokenizer of a text model folder, as selection embeds with."""
     import transformers
 
     from pretune.data.readers import load_tokenizer
+
+    return transformers.AutoModel.from_pretrained(str(model), use_safetensors=True).eval(), load_tokenizer(str(model))
+
+
+def _embed_texts(model: Path, pool: str, column: str, batch_size: int) -> tuple[torch.Tensor, list[Any], list[dict]]:
     from pretune.predict import read_inputs
     from pretune.tasks.common import mean_pooled
 
     texts, rows = read_inputs(pool, column)
-    encoder = transformers.AutoModel.from_pretrained(str(model), use_safetensors=True).eval()
-    return mean_pooled(encoder, load_tokenizer(str(model)), texts, torch.device("cpu"), 256, batch_size), texts, rows
+    return mean_pooled(*text_encoder(model), texts, torch.device("cpu"), 256, batch_size), texts, rows
 
 
 @torch.no_grad()

@@ -75,14 +75,11 @@ class Selector:
         """Mean-pooled embeddings of ``texts`` by the pretrained model (as ``pretune select``), cached per text."""
         new = [t for t in dict.fromkeys(texts) if t not in self.cache]
         if new:
-            import transformers
-
-            from pretune.data.readers import load_tokenizer
+            from pretune.select import text_encoder
             from pretune.tasks.common import mean_pooled
 
-            path = str(self.recipe.backbone["path"])
             if self.encoder is None:
-                self.encoder = transformers.AutoModel.from_pretrained(path, use_safetensors=True).eval(), load_tokenizer(path)
+                self.encoder = text_encoder(self.recipe.backbone["path"])
             vectors = mean_pooled(*self.encoder, new, torch.device("cpu"), self.data_cfg.max_length, 64)
             self.cache.update(zip(new, vectors))
         return torch.stack([self.cache[t] for t in texts])
