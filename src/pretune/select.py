@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -145,3 +146,71 @@ def select(model: str | Path, pool: str, budget: int, out: str, *, column: str =
         else:
             handle.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in picked)
     return picked
+
+
+# -- kNN-TAPT: the pool documents nearest to the task's texts -------------------------------------------
+SELECTED = "selected.jsonl"  # in the run directory: the documents a task-adaptive run pretrains on
+
+
+def nearest_documents(pool: torch.Tensor, task: torch.Tensor, count: int, chunk: int = 256) -> list[tuple[int, float]]:
+    """``(pool row, cosine similarity)`` of ``count`` distinct pool rows near the task rows, kNN-TAPT's way
+    (Gururangan et al. 2020, section 5): every task text's nearest pool documents, taken round-robin (each
+    task text's nearest first, then each one's second nearest...), so that every task text is covered
+    rather than the densest region only.  Ties go to the lower pool row: the result is deterministic."""
+    if not 1 <= count <= len(pool):
+        raise DataError(f"recipe key 'data.select.documents': {count}; choose between 1 and the pool's {len(pool)} documents")
+    pool = torch.nn.functional.normalize(pool.double(), dim=1)
+    task = torch.nn.functional.normalize(task.double(), dim=1)
+    depth = min(len(pool), -(-count // len(task)) + 1)
+    while True:
+        ranked, scores = [], []
+        for start in range(0, len(task), chunk):
+            similarity = task[start:start + chunk] @ pool.T
+            order = torch.argsort(-similarity, dim=1, stable=True)[:, :depth]
+            ranked.append(order)
+            scores.append(similarity.gather(1, order))
+        order, similarity = torch.cat(ranked), torch.cat(scores)
+        picked: dict[int, float] = {}
+        for rank in range(depth):
+            for row, score in zip(order[:, rank].tolist(), similarity[:, rank].tolist()):
+                if row not in picked:
+                    picked[row] = score
+                    if len(picked) == count:
+                        return list(picked.items())
+        if depth == len(pool):
+            return list(picked.items())
+        depth = min(len(pool), depth * 2)
+
+
+def task_selection(cfg: Any, model: str | None, run_dir: Path, main: bool) -> Any:
+    """``data.select``: write ``run_dir/selected.jsonl`` (once: a resumed run reads the same documents) with the
+    ``documents`` of ``data.files`` nearest to the task's texts in ``model``'s mean-pooled embeddings, and the
+    task's own texts; return the data section that reads that file.  Other ranks only name the file."""
+    from pretune.data.text import load_documents
+    from pretune.predict import read_inputs
+    from pretune.tasks.common import mean_pooled
+
+    select, out = cfg.select, run_dir / SELECTED
+    if not model:
+        raise DataError("recipe key 'data.select': selecting documents near the task embeds them with the model to continue; set backbone.path")
+    if main and not out.is_file():
+        pool = load_documents(cfg.model_copy(update={"select": None}))["text"]
+        texts, _ = read_inputs(select.task, select.column)
+        texts = [str(t) for t in texts if str(t).strip()]
+        if not texts:
+            raise DataError(f"{select.task}: no text in column {select.column!r} to select documents for")
+        encoder, tokenizer = text_encoder(model)
+        device = torch.device("cpu")
+        print(f"pretune: kNN-TAPT: embedding {len(pool)} pool documents and {len(texts)} task texts with {model}", file=sys.stderr, flush=True)
+        picked = nearest_documents(mean_pooled(encoder, tokenizer, pool, device, select.max_length, progress="Embedding the pool"),
+                                   mean_pooled(encoder, tokenizer, texts, device, select.max_length), select.documents)
+        rows = [{"text": pool[row], "source": "pool", "pool_row": row, "similarity": round(score, 6)} for row, score in picked]
+        rows += [{"text": text, "source": "task"} for text in texts] if select.include_task else []
+        partial = out.with_suffix(".partial")
+        partial.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+        partial.replace(out)
+        mean = sum(score for _, score in picked) / len(picked)
+        print(f"pretune: kNN-TAPT: selected {len(picked)} of {len(pool)} pool documents (mean cosine similarity {mean:.3f})"
+              + (f" and the task's {len(texts)} texts" if select.include_task else "") + f": {out}", file=sys.stderr, flush=True)
+    return cfg.model_copy(update={"files": [str(out)], "format": "jsonl", "column": "text", "document": "auto", "select": None,
+                                  "streaming": False, "max_documents": None})

@@ -195,3 +195,31 @@ def test_selection_arms_label_typiclust_picks_and_validate_on_the_random_arms_ro
     effects = json.load(open(study_dir / "study.json"))["selection"]
     assert [(e["arm"], e["budget"]) for e in effects] == [("pretrained full", 2), ("pretrained full", 4)]
     assert "typiclust picks" in effects[0]["text"] and "Which rows to label" in (study_dir / "report.md").read_text()
+
+
+def test_plan_adds_the_adapted_models_arms_on_the_same_rows():
+    study = C.StudyConfig(budgets=[1.0, 0.1], seeds=2, strategies=["full"], adapted="runs/dapt/model")
+    cells = C.plan(study, base_seed=0)
+    assert [c.budget for c in cells[:6]] == [0.1] * 6  # still budget by budget
+    adapted = [c for c in cells if c.arm == "adapted full"]
+    assert len(adapted) == 4 and {c.name for c in adapted} >= {"adapted-full_budget-0.1_seed-0"}
+    overrides = dict(o.split("=", 1) for o in adapted[0].overrides(ROOT))
+    assert overrides["backbone.path"] == "runs/dapt/model" and overrides["data.budget_seed"] == str(adapted[0].seed)
+
+
+def test_a_study_with_an_adapted_model_reports_adapted_vs_original(tmp_path, tiny_encoder, topics):
+    import pretune
+
+    adapted = pretune.train(ROOT / "recipes/text-adapt-mlm.yaml", [
+        f"model={tiny_encoder}", f"run_dir={tmp_path / 'dapt'}", "data.max_documents=200", "data.block_size=32",
+        "data.general=null", "trainer.max_steps=3", "trainer.batch_size=8", "trainer.progress=false",
+        "trainer.tensorboard=false"]).model_dir
+    study_dir = tmp_path / "study"
+    result = C.compare(ROOT / "recipes/study-text.yaml", [
+        f"model={tiny_encoder}", f"adapted={adapted}", f"data.train={topics / 'train.csv'}", f"data.test={topics / 'test.csv'}",
+        f"run_dir={study_dir}", "budgets=[1.0]", "seeds=1", "strategies=[full]", "scratch=false", "data.max_length=32",
+        "trainer.batch_size=8", "trainer.epochs=1", *FAST])
+    assert {r["arm"] for r in result.rows} == {"pretrained full", "adapted full"}
+    effects = json.load(open(study_dir / "study.json"))["adaptation"]
+    assert [(e["arm"], e["budget"]) for e in effects] == [("pretrained full", 1.0)]
+    assert "adapted" in effects[0]["text"] and "Did adapting the model" in (study_dir / "report.md").read_text()

@@ -10,7 +10,7 @@ import torch
 
 from pretune.cli import main
 from pretune.errors import DataError
-from pretune.select import kmeans, typicality, typiclust
+from pretune.select import kmeans, nearest_documents, typicality, typiclust
 
 
 def blobs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,3 +82,23 @@ def test_select_command_on_an_image_folder(tmp_path):
     assert main(["select", str(run.model_dir), str(pool), "--budget", "5", "--out", str(out)]) == 0
     picked = [__import__("json").loads(line) for line in out.read_text().splitlines()]
     assert len(picked) == 5 and all(p["path"].startswith(str(pool)) and p["typicality"] > 0 for p in picked)
+
+
+# -- kNN-TAPT: the pool documents nearest to the task's texts ---------------------------------------------
+def test_nearest_documents_takes_each_task_texts_neighbours_in_turn():
+    pool = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.8, 0.2], [0.0, 1.0], [0.1, 0.9], [-1.0, 0.0]])
+    task = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    picked = nearest_documents(pool, task, 4)
+    # round-robin: task 0's nearest (row 0), task 1's nearest (row 3), then each one's second (rows 1, 4)
+    assert [row for row, _ in picked] == [0, 3, 1, 4]
+    assert picked[0][1] == pytest.approx(1.0)
+    assert nearest_documents(pool, task, 4) == picked  # deterministic
+    assert [row for row, _ in nearest_documents(pool, task, 6)][-1] == 5  # the farthest comes last
+    with pytest.raises(DataError, match="data.select.documents"):
+        nearest_documents(pool, task, 7)
+
+
+def test_nearest_documents_skips_a_document_two_task_texts_share():
+    pool = torch.tensor([[1.0, 0.0], [0.7, 0.7], [0.0, 1.0]])
+    task = torch.tensor([[1.0, 0.05], [1.0, -0.05]])  # both nearest to row 0
+    assert [row for row, _ in nearest_documents(pool, task, 2)] == [0, 1]

@@ -24,3 +24,33 @@ def test_mix_is_stable_and_spreads():
     assert mix(1, 2, 3) == mix(1, 2, 3)
     assert len({mix(0, 0, i) for i in range(1000)}) == 1000
     assert 0 <= mix(2**70, -5) < 2**63
+
+
+def test_replay_share_is_exact_in_every_micro_batch_and_the_domain_rows_define_the_epoch():
+    domain, general, batch = 100, 37, 8
+    replay = (general, 0.25)  # 2 of every 8 rows
+    order = batch_order(domain + general, batch, seed=3, epoch=1, replay=replay)
+    assert len(order) == domain // 6  # 6 domain rows per batch; the tail is dropped
+    seen = []
+    for rows in order:
+        assert len(rows) == batch
+        assert sum(row >= domain for row in rows) == 2
+        seen += [row for row in rows if row < domain]
+    assert len(set(seen)) == len(seen)  # each domain row at most once per epoch
+    assert order == batch_order(domain + general, batch, seed=3, epoch=1, replay=replay)
+    replayed = [row for rows in order for row in rows if row >= domain]
+    assert len(replayed) == 32 and len(set(replayed)) == 32  # a seeded permutation of the general rows: no repeat before all are used
+    longer = batch_order(domain + general, batch, seed=3, epoch=1, replay=(general, 0.5))  # 4 per batch: 100 draws cycle
+    replayed = [row for rows in longer for row in rows if row >= domain]
+    assert set(replayed) == set(range(domain, domain + general)) and replayed[:general] == replayed[general:2 * general]
+
+
+def test_replay_over_ranks_is_the_single_process_order_dealt_out():
+    domain, general = 96, 50
+    single = batch_order(domain + general, 8, seed=0, epoch=0, replay=(general, 0.5))
+    ranks = [batch_order(domain + general, 4, seed=0, epoch=0, rank=r, world=2, replay=(general, 0.5)) for r in range(2)]
+    for rows in ranks[0] + ranks[1]:
+        assert sum(row >= domain for row in rows) == 2
+    # each global step holds the same rows whatever the split into processes
+    for step, rows in enumerate(single):
+        assert sorted(rows) == sorted(ranks[0][step] + ranks[1][step])

@@ -23,7 +23,9 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from pretune.backbones.arrays import is_vision_folder
 from pretune.backbones.base import BACKBONES, Backbone, Classifier
+from pretune.backbones.start import Start, load_start
 from pretune.data.readers import load_tokenizer
+from pretune.data.vocabulary import init_new_rows
 from pretune.errors import CheckpointError, RecipeError
 from pretune import heads
 from pretune.heads import IGNORE, Head
@@ -108,23 +110,28 @@ def fresh_config(cfg: TransformerConfig, vocab_size: int, special: dict[str, int
     return config
 
 
-def build_model(cfg: TransformerConfig, auto_class: Any, *, vocab_size: int, special: dict[str, int], max_positions: int) -> PreTrainedModel:
-    """Build ``auto_class`` (e.g. ``AutoModelForMaskedLM``) fresh from a preset or load it from ``cfg.path``."""
+def build_model(cfg: TransformerConfig, auto_class: Any, *, tokenizer: Any, max_positions: int) -> tuple[PreTrainedModel, Start | None]:
+    """Build ``auto_class`` (e.g. ``AutoModelForMaskedLM``) fresh from a preset, or continue ``cfg.path``
+    (then also return its :class:`~pretune.backbones.start.Start`: what was created, what is kept).
+
+    A continued model whose tokenizer gained words (``data.vocabulary``) gets their rows initialised
+    as the mean of the rows of the pieces the original tokenizer split them into."""
     if cfg.path:
         load_config(cfg.path)  # clear error if the folder is not a model
-        try:
-            model = auto_class.from_pretrained(cfg.path, local_files_only=True, attn_implementation=cfg.attention,
-                                               use_safetensors=None if pickle_trusted() else True, **cfg.config)
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{cfg.path}: cannot load as {auto_class.__name__}: {exc}") from None
-        if model.config.vocab_size < vocab_size:
-            model.resize_token_embeddings(vocab_size)
-        return model
-    config = fresh_config(cfg, vocab_size, special, max_positions)
+        model, start = load_start(auto_class, cfg.path, attn_implementation=cfg.attention, **cfg.config)
+        original = len(load_tokenizer(cfg.path))
+        if len(tokenizer) > original:
+            if model.get_input_embeddings().num_embeddings < len(tokenizer):
+                model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            init_new_rows(model, tokenizer, load_tokenizer(cfg.path))
+        elif model.config.vocab_size < len(tokenizer):
+            model.resize_token_embeddings(len(tokenizer))
+        return model, start
+    config = fresh_config(cfg, len(tokenizer), special_ids(tokenizer), max_positions)
     config._attn_implementation = cfg.attention
     if hasattr(auto_class, "from_config"):  # Auto* classes
-        return auto_class.from_config(config, attn_implementation=cfg.attention)
-    return auto_class(config)  # a concrete class such as BertForPreTraining
+        return auto_class.from_config(config, attn_implementation=cfg.attention), None
+    return auto_class(config), None  # a concrete class such as BertForPreTraining
 
 
 
@@ -478,6 +485,7 @@ class HF(Backbone):
     name = "hf"
     modality = "text"
     Config = TransformerConfig
+    start: Start | None = None  # set by model(): what a continued checkpoint lacked, and what it keeps
 
     @classmethod
     def claims(cls, section: dict[str, Any]) -> bool:
@@ -491,9 +499,12 @@ class HF(Backbone):
         return family_of(self.cfg)
 
     def model(self, auto_class: Any, data: Any) -> PreTrainedModel:
-        """A pretraining model (``auto_class`` carries the objective's head), fresh or from ``cfg.path``."""
-        return build_model(self.cfg, auto_class, vocab_size=len(data.tokenizer), special=special_ids(data.tokenizer),
-                           max_positions=len(data.train[0]["input_ids"]))
+        """A pretraining model (``auto_class`` carries the objective's head), fresh or continued from ``cfg.path``
+        (``self.start`` then says what was created and keeps what the saved model must carry on)."""
+        model, self.start = build_model(self.cfg, auto_class, tokenizer=data.tokenizer, max_positions=len(data.train[0]["input_ids"]))
+        if self.start is not None:
+            print(f"pretune: {self.start.describe(model)}", file=sys.stderr, flush=True)
+        return model
 
     def classifier(self, head: Head, label_names: list[str], data: Any, *, dropout: float = 0.0, augment: Any = None,
                    pooling: str = "auto", linear: bool = False, sentence: bool = False) -> Classifier:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import datasets
 import transformers
 from pydantic import BaseModel
 
@@ -41,6 +42,8 @@ class RunData:
     all_subwords: bool = False  # tagging: label every piece of a word
     meta: dict[str, Any] = field(default_factory=dict)  # how a saved model reads raw inputs (pretune.json)
     extra: dict[str, Any] = field(default_factory=dict)
+    held_out: dict[str, Any] = field(default_factory=dict)  # more sets evaluated beside validation: {"general": ...}
+    replay: tuple[int, float] | None = None  # the last N rows of train are general text, this share of every batch
 
 
 def config_class(modality: str, data_kind: str) -> type[BaseModel]:
@@ -52,9 +55,10 @@ def config_class(modality: str, data_kind: str) -> type[BaseModel]:
 
 def read(modality: str, data_kind: str, cfg: Any, *, seed: int, tokenizer_path: str | None = None,
          label_names: list[str] | None = None, head: Head | None = None, text_family: str = "encoder",
-         pairs: bool = False) -> RunData:
+         pairs: bool = False, fresh: bool = True) -> RunData:
     """Read the data of a run.  ``tokenizer_path``: the model's (or a resumed run's) tokenizer;
-    ``label_names``: a saved label map that fixes class ids (every rank, a resume, a labelled model)."""
+    ``label_names``: a saved label map that fixes class ids (every rank, a resume, a labelled model);
+    ``fresh``: the tokenizer is the starting model's, not one saved by this run (``data.vocabulary`` extends it)."""
     if modality == "array":
         arrays = build_array_data(cfg, seed, label_names=label_names)
         meta = {"input_shape": list(arrays.shape), "modality": arrays.modality}
@@ -69,8 +73,14 @@ def read(modality: str, data_kind: str, cfg: Any, *, seed: int, tokenizer_path: 
     if data_kind == "corpus":
         if tokenizer_path:  # resuming or continuing: reuse the saved tokenizer
             cfg = cfg.model_copy(update={"tokenizer": cfg.tokenizer.model_copy(update={"path": tokenizer_path})})
-        text = build_text_data(cfg, family=text_family, nsp=pairs, seed=seed)
-        return RunData(text.train, text.validation, tokenizer=text.tokenizer, extra={"documents": text.documents, "tokens": text.tokens})
+        text = build_text_data(cfg, family=text_family, nsp=pairs, seed=seed, extend_vocabulary=fresh)
+        extra = {"documents": text.documents, "tokens": text.tokens, "vocabulary": text.vocabulary}
+        held_out = {"general": text.general_held_out} if text.general_held_out is not None else {}
+        if text.general is None:
+            return RunData(text.train, text.validation, tokenizer=text.tokenizer, extra=extra, held_out=held_out)
+        train = datasets.concatenate_datasets([text.train, text.general])  # domain rows, then the general rows replayed
+        return RunData(train, text.validation, tokenizer=text.tokenizer, extra=extra, held_out=held_out,
+                       replay=(len(text.general), cfg.general.replay))
     labelled = build_labelled(cfg, head, seed, label_names=label_names)
     meta = {"modality": "text", "text": cfg.text, "text_pair": cfg.text_pair, "label": cfg.label, "max_length": cfg.max_length}
     return RunData(labelled.train, labelled.validation, labelled.test, labelled.label_names, tokenizer=load_tokenizer(tokenizer_path),

@@ -31,6 +31,7 @@ from pretune.data.builtin import load_stdlib_docstrings
 from pretune.data.files import check_file, describe, find_bad_json_line, resolve_files, signature, text_layout
 from pretune.data.nsp import sentence_pair_blocks
 from pretune.data.tokenizer import get_tokenizer, tokenizer_fingerprint
+from pretune.data.vocabulary import domain_words, extend_tokenizer, tokens_per_word
 from pretune.errors import DataError, PretuneError
 from pretune.recipe import DataConfig
 
@@ -53,6 +54,9 @@ class TextData:
     tokenizer: transformers.PreTrainedTokenizerFast
     documents: int  # documents read (train + validation)
     tokens: int  # tokens in the train blocks (real tokens, not padding)
+    general: datasets.Dataset | None = None  # data.general: blocks of general text to replay (None without replay)
+    general_held_out: datasets.Dataset | None = None  # data.general: held-out general blocks (the forgetting report)
+    vocabulary: dict[str, Any] | None = None  # data.vocabulary: the words added, tokens per word before and after
 
 
 # ---------------------------------------------------------------------------- documents
@@ -317,12 +321,15 @@ def pack_blocks(documents: datasets.Dataset, tokenizer: Any, block_size: int, fa
 # ---------------------------------------------------------------------------- all together
 
 
-def build_text_data(cfg: DataConfig, *, family: str, nsp: bool, seed: int) -> TextData:
+def build_text_data(cfg: DataConfig, *, family: str, nsp: bool, seed: int, extend_vocabulary: bool = True) -> TextData:
     """Documents -> train / validation split -> tokenizer (trained on train only) -> blocks.
 
     The validation set is ``cfg.validation_files`` if given, else a seeded ``cfg.validation``
     fraction of the documents (at least one when the fraction is positive), else None.
     ``nsp`` gives BERT sentence pairs (:func:`sentence_pair_blocks`) instead of packed blocks.
+    Continuing a model (``cfg.tokenizer.path``): ``cfg.vocabulary`` adds the domain's most split words
+    to its tokenizer (unless ``extend_vocabulary`` is False: a resumed run's saved tokenizer has them),
+    and ``cfg.general`` reads general text for the forgetting report and replay.
     """
     documents = load_documents(cfg, nsp)
     if cfg.validation_files:
@@ -336,6 +343,12 @@ def build_text_data(cfg: DataConfig, *, family: str, nsp: bool, seed: int) -> Te
                   f"cannot split, so this run reports no validation loss; give more documents ({more}) or data.validation_files",
                   file=sys.stderr, flush=True)
     tokenizer = get_tokenizer(cfg.tokenizer, train, family)
+    vocabulary = None
+    if cfg.vocabulary.add and extend_vocabulary:
+        if not cfg.tokenizer.path:
+            raise DataError("recipe key 'data.vocabulary.add': adding words extends an existing model's tokenizer; set backbone.path "
+                            "(a tokenizer trained on this corpus already has its words)")
+        vocabulary = extend_for_domain(tokenizer, train, cfg.vocabulary.add, cfg.vocabulary.min_count)
 
     def blocks(docs: datasets.Dataset) -> datasets.Dataset:
         if nsp:
@@ -349,9 +362,47 @@ def build_text_data(cfg: DataConfig, *, family: str, nsp: bool, seed: int) -> Te
             validation_blocks = blocks(validation)
         except DataError as exc:
             raise DataError(f"validation set: {exc}; or set data.validation=0") from None
+    general, general_held_out = general_blocks(cfg, nsp, seed, blocks) if cfg.general is not None else (None, None)
     mask = train_blocks.data.column("attention_mask") if nsp else None
     tokens = int(pc.sum(pc.list_flatten(mask)).as_py()) if nsp else len(train_blocks) * cfg.block_size
     return TextData(
         train=train_blocks, validation=validation_blocks, tokenizer=tokenizer,
         documents=len(train) + (len(validation) if validation is not None else 0), tokens=tokens,
+        general=general, general_held_out=general_held_out, vocabulary=vocabulary,
     )
+
+
+def general_blocks(cfg: DataConfig, nsp: bool, seed: int, blocks: Any) -> tuple[datasets.Dataset | None, datasets.Dataset]:
+    """``data.general``: ``held_out`` seeded general documents as blocks for the forgetting report, and the rest as
+    blocks to replay (None when ``replay`` is 0)."""
+    general = cfg.general
+    documents = load_documents(cfg.model_copy(update={"files": general.files, "max_documents": general.max_documents,
+                                                      "format": "auto", "streaming": False}), nsp)
+    replay = general.replay > 0
+    held = min(general.held_out, len(documents) - 1 if replay else len(documents))
+    if held < 1:
+        raise DataError(f"recipe key 'data.general': {len(documents)} general document(s) cannot give both held-out and replay text")
+    order = np.random.default_rng(seed + 1).permutation(len(documents))
+    try:
+        held_out = blocks(documents.select(np.sort(order[:held])))
+        train = blocks(documents.select(np.sort(order[held:]))) if replay else None
+    except DataError as exc:
+        raise DataError(f"recipe key 'data.general': {exc}") from None
+    return train, held_out
+
+
+def extend_for_domain(tokenizer: Any, documents: datasets.Dataset, add: int, min_count: int) -> dict[str, Any]:
+    """Add the ``add`` words of ``documents`` the tokenizer splits most (:mod:`pretune.data.vocabulary`) and say so."""
+    def texts() -> Iterator[str]:
+        for start in range(0, len(documents), 1000):
+            yield from documents[start:start + 1000]["text"]
+
+    before = tokens_per_word(tokenizer, texts())
+    words = domain_words(tokenizer, texts(), add=add, min_count=min_count)
+    added = extend_tokenizer(tokenizer, [w.word for w in words])
+    after = tokens_per_word(tokenizer, texts())
+    shown = ", ".join(f"{w.word} ({w.pieces} pieces x {w.count})" for w in words[:5])
+    print(f"pretune: vocabulary: added {added} words of the training documents (e.g. {shown or 'none qualified'}); "
+          f"tokens per word {before:.3f} -> {after:.3f}", file=sys.stderr, flush=True)
+    return {"added": [{"word": w.word, "count": w.count, "pieces": w.pieces} for w in words], "tokens_per_word_before": before,
+            "tokens_per_word_after": after}

@@ -44,7 +44,7 @@ from pretune.studies.report import budget_label, read_metrics, study_report
 from pretune.studies.selection import SELECTION, Selector
 from pretune.studies.stats import Bootstrap
 
-STUDY_FIELDS = ("budgets", "seeds", "strategies", "scratch", "scratch_lr_search", "scratch_epochs", "selection")
+STUDY_FIELDS = ("budgets", "seeds", "strategies", "scratch", "scratch_lr_search", "scratch_epochs", "selection", "adapted")
 
 
 class StudyConfig(Section):
@@ -61,6 +61,8 @@ class StudyConfig(Section):
     # also label each budget's rows picked by TypiClust on the pretrained model's embeddings (pretune select), beside the
     # random per-class picks, for every pretrained arm (text studies; pretune.studies.selection)
     selection: bool = False
+    # a model adapted from model=PATH (pretune adapt): its arms (every strategy) beside the original's, on the same rows
+    adapted: str | None = None
 
     @field_validator("budgets")
     @classmethod
@@ -93,10 +95,11 @@ class Cell:
     extra: tuple[str, ...] = ()  # the arm's own settings (scratch: its searched lr, longer schedule; selection: its files)
     prefix: str = ""  # "lr-search-x3_" for the scratch arm's learning-rate search runs
     selection: str = ""  # "typiclust": the labelled rows are picked from the embeddings, not at random per class
+    model: str = "pretrained"  # "adapted": the study's adapted model instead of model=PATH
 
     @property
     def name(self) -> str:
-        arm = "scratch" if not self.pretrained else "pretrained-" + re.sub(r"[^A-Za-z0-9.]+", "-", self.strategy).strip("-")
+        arm = "scratch" if not self.pretrained else f"{self.model}-" + re.sub(r"[^A-Za-z0-9.]+", "-", self.strategy).strip("-")
         return f"{self.prefix}{arm}{'-' + self.selection if self.selection else ''}_budget-{self.budget}_seed-{self.seed}"
 
     def overrides(self, cells_dir: Path) -> list[str]:
@@ -129,8 +132,13 @@ def plan(study: StudyConfig, base_seed: int) -> list[Cell]:
     seeds = study.seeds if isinstance(study.seeds, list) else [base_seed + i for i in range(study.seeds)]
     arms = [(f"pretrained {s}", s, True, "") for s in study.strategies] + ([("scratch", "full", False, "")] if study.scratch else [])
     arms += [(f"pretrained {s}, {SELECTION} labels", s, True, SELECTION) for s in study.strategies] if study.selection else []
-    return [Cell(arm, strategy, pretrained, budget, seed, selection=selection)
-            for budget in study.budgets for seed in seeds for arm, strategy, pretrained, selection in arms]
+    cells = [Cell(arm, strategy, pretrained, budget, seed, selection=selection)
+             for budget in study.budgets for seed in seeds for arm, strategy, pretrained, selection in arms]
+    if study.adapted:  # the adapted model under every strategy, on each (budget, seed)'s rows
+        cells += [Cell(f"adapted {s}", s, True, budget, seed, extra=(f"backbone.path={study.adapted}",), model="adapted")
+                  for budget in study.budgets for seed in seeds for s in study.strategies]
+        cells.sort(key=lambda c: study.budgets.index(c.budget))  # still budget by budget
+    return cells
 
 
 def compare(path: str | Path, overrides: list[str] = (), *, report: bool = True, overwrite: bool = False) -> StudyResult:
@@ -219,11 +227,14 @@ def finish(study_dir: Path, study: StudyConfig, metric: str, mode: str, rows: li
     if worth:
         headline += "; " + "; ".join(worth_text(arm, w) for arm, w in worth.items())
     cost = costs(rows, base, worth, study.budgets)
-    selected = selection_effects(rows, boot, mode)
+    selected = paired_effects(rows, boot, mode, lambda arm: arm[: -len(f", {SELECTION} labels")] if arm.endswith(f", {SELECTION} labels") else None,
+                              f"{SELECTION} picks", "random per-class picks")
+    adapted = paired_effects(rows, boot, mode, lambda arm: "pretrained" + arm[len("adapted"):] if arm.startswith("adapted ") else None,
+                             "adapted", "original")
     write_results(study_dir / "results.csv", rows)
     (study_dir / "study.json").write_text(json.dumps(
         {"metric": metric, "mode": mode, "study": study.model_dump(), "headline": headline, "matches": matches,
-         "curves": curves, "worth": worth, "cost": cost, "given": given or {}, "selection": selected,
+         "curves": curves, "worth": worth, "cost": cost, "given": given or {}, "selection": selected, "adaptation": adapted,
          "summary": summary, "cells": rows}, indent=1))
     result = StudyResult(study_dir, metric, mode, rows, summary, headline, matches)
     for row in rows:  # every cell's model card says which study it belongs to and what the study concluded
@@ -237,21 +248,26 @@ def finish(study_dir: Path, study: StudyConfig, metric: str, mode: str, rows: li
         print(f"trade-off: {line}")
     for entry in selected:
         print(f"selected vs random labels: {entry['text']}")
+    for entry in adapted:
+        print(f"adapted vs original model: {entry['text']}")
     return result
 
 
-def selection_effects(rows: list[dict[str, Any]], boot: Bootstrap, mode: str) -> list[dict[str, Any]]:
-    """For each selection arm and budget: its score minus the random-label arm's, with the 95% interval."""
+def paired_effects(rows: list[dict[str, Any]], boot: Bootstrap, mode: str, baseline_of: Any, name: str,
+                   baseline_name: str) -> list[dict[str, Any]]:
+    """For each arm that ``baseline_of(arm)`` pairs with another arm (TypiClust labels with random ones, the adapted
+    model with the original), and each budget: its score minus the other's on the same rows and seeds, with the
+    95% interval."""
     groups = _groups(rows)
     out = []
     for (arm, budget), members in groups.items():
-        if not arm.endswith(f", {SELECTION} labels") or (random := arm[: -len(f", {SELECTION} labels")], budget) not in groups:
+        if (other := baseline_of(arm)) is None or (other, budget) not in groups:
             continue
-        diff = boot.difference(members, groups[(random, budget)])
+        diff = boot.difference(members, groups[(other, budget)])
         mean = lambda cells: statistics.fmean(c["score"] for c in cells)  # noqa: E731
-        text = (f"{random} at {budget_label(budget)}: {SELECTION} picks {mean(members):.3f} vs random per-class picks "
-                f"{mean(groups[(random, budget)]):.3f}" + _noise(diff, mode))
-        out.append({"arm": random, "budget": budget, "selected": mean(members), "random": mean(groups[(random, budget)]), **diff,
+        text = (f"{other} at {budget_label(budget)}: {name} {mean(members):.3f} vs {baseline_name} "
+                f"{mean(groups[(other, budget)]):.3f}" + _noise(diff, mode))
+        out.append({"arm": other, "budget": budget, "paired": mean(members), "baseline": mean(groups[(other, budget)]), **diff,
                     "text": text})
     return out
 

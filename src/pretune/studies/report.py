@@ -231,6 +231,9 @@ def study_report(study_dir: str | Path) -> Path:
     if study.get("selection"):
         report.text("Which rows to label (TypiClust picks on the pretrained embeddings, the same number of labels as the "
                     "random per-class picks): " + "; ".join(entry["text"] for entry in study["selection"]) + ".")
+    if study.get("adaptation"):
+        report.text("Did adapting the model to your text pay off (the adapted model vs the original, fine-tuned alike on the "
+                    "same rows and seeds)? " + "; ".join(entry["text"] for entry in study["adaptation"]) + ".")
 
     report.heading("training curves")
     figure, sparse = _curves(cells, arms, budgets)

@@ -29,6 +29,8 @@ loop may use is declared here with a default, so a task overrides only what it h
 ``wants_logits``   whether ``score`` needs every validation batch's ``logits`` and ``labels``
 ``score``          metrics over the whole validation set (F1, confusion matrix...)
 ``on_epoch``       called at the start of every epoch; returns a note to log when what trains changed
+``on_step``        called before every optimizer step, likewise (a continued model's new head trains alone first)
+``warmup_steps``   steps after which the model is the starting point of comparisons (the head warm-up): evaluated then
 ``refit``          before every validation (and before saving a model no validation picked): fit the
                    parts of the model that are fitted rather than trained (SetFit's head); returns a note
 ``param_groups``   per-parameter learning-rate multipliers (LLRD, the head's own lr)
@@ -65,6 +67,9 @@ class Task:
     label_names: list[str] | None = None
     head: Head | None = None
     wants_logits: bool = False
+    start: Any = None  # text pretraining continued from a checkpoint: what it lacked and keeps (backbones/start.py)
+    warmup_steps: int = 0
+    head_lr_scale: float = 1.0  # trainer.head_lr / trainer.lr: the new layers' learning rate
 
     def __init__(self, cfg: Any, seed: int = 0):
         self.cfg, self.seed = cfg, seed
@@ -114,6 +119,10 @@ class Task:
 
     def on_epoch(self, module: nn.Module, epoch: int) -> str | None:
         """Start of ``epoch``; a returned note (e.g. "unfroze layer 3") is logged and means what trains changed."""
+        return None
+
+    def on_step(self, module: nn.Module, step: int) -> str | None:
+        """Before optimizer step ``step + 1``; a returned note is logged and means what trains changed."""
         return None
 
     def refit(self, module: nn.Module, device: torch.device, precision: str) -> str | None:

@@ -15,6 +15,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -24,13 +25,14 @@ from pretune.errors import RecipeError
 from pretune.recipe import Section
 from pretune.registry import TASKS
 from pretune.tasks.base import Task
-from pretune.tasks.common import DownstreamConfig, downstream_probe, save_hf, stack_rows
+from pretune.tasks.common import DownstreamConfig, downstream_probe, new_head_scales, save_hf, stack_rows, warm_head, warmup_steps
 from pretune.trainer.flops import transformer_training_flops
 
 
 class CLMConfig(Section):
     name: Literal["clm"] = "clm"
     monitor: DownstreamConfig | None = None  # k-NN accuracy of the features on a small labelled set, at every evaluation
+    head_warmup: int = Field(0, ge=0)  # continuing a checkpoint without an LM head: steps that train only the new head
 
 
 class CausalLM(nn.Module):
@@ -62,7 +64,16 @@ class CausalLMTask(Task):
     def build(self, backbone: HF, data: RunData) -> CausalLM:
         if not backbone.path and backbone.cfg.name == "bert":
             raise RecipeError("recipe key 'backbone.name': causal LM needs a decoder (gpt2 or llama), not bert")
-        return CausalLM(backbone.model(AutoModelForCausalLM, data))
+        model = CausalLM(backbone.model(AutoModelForCausalLM, data))
+        self.start = backbone.start
+        self.warmup_steps = warmup_steps(self.cfg, self.start)
+        return model
+
+    def on_step(self, module: CausalLM, step: int) -> str | None:
+        return warm_head(self, module, step)
+
+    def lr_scales(self, module: CausalLM) -> dict[str, float] | None:
+        return new_head_scales(self)
 
     def collate(self, rows: dict[str, list], seeds: list[int]) -> dict[str, torch.Tensor]:
         return stack_rows(rows)
@@ -85,4 +96,4 @@ class CausalLMTask(Task):
         return downstream_probe(self, module, data, device)
 
     def save(self, module: CausalLM, path: Path, data: RunData) -> None:
-        save_hf(module.model, data.tokenizer, path, {"task": "clm", "family": self.family})
+        save_hf(module.model, data.tokenizer, path, {"task": "clm", "family": self.family}, self.start)

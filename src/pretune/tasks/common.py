@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
+from tqdm.auto import tqdm
 from pydantic import Field
 
+from pretune.backbones.start import Start, save_continued
 from pretune.errors import DataError
 from pretune.recipe import Section
 
@@ -23,11 +24,10 @@ def stack_rows(rows: dict[str, list]) -> dict[str, torch.Tensor]:
     return {key: torch.tensor(rows[key], dtype=torch.long) for key in INTEGER_COLUMNS if key in rows}
 
 
-def save_hf(model: Any, tokenizer: Any, path: Path, meta: dict[str, Any]) -> None:
-    """Write a standard Hugging Face folder (safetensors) plus pretune's own ``pretune.json``."""
-    transformers.utils.logging.disable_progress_bar()  # no "Writing model shards" bar at every checkpoint
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+def save_hf(model: Any, tokenizer: Any, path: Path, meta: dict[str, Any], start: Start | None = None) -> None:
+    """Write a standard Hugging Face folder (safetensors) plus pretune's own ``pretune.json``; a model continued
+    from a checkpoint (``start``) also keeps the checkpoint's tensors and files its objective did not use."""
+    save_continued(model, tokenizer, path, start)
     (path / "pretune.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 
@@ -80,11 +80,13 @@ class Downstream:
 
 @torch.no_grad()
 def mean_pooled(base: Any, tokenizer: Any, texts: list[str], device: torch.device, max_length: int,
-                batch_size: int = 64) -> torch.Tensor:
+                batch_size: int = 64, progress: str | None = None) -> torch.Tensor:
     """``[N, hidden]`` float32 on the CPU: the mean of ``base``'s last hidden states over each text's real tokens
-    (the pooling of sentence-transformers); what the k-NN monitor and ``pretune select`` embed with."""
+    (the pooling of sentence-transformers); what the k-NN monitor and ``pretune select`` embed with.
+    ``progress``: the description of a progress bar over the batches (none by default)."""
     out = []
-    for start in range(0, len(texts), batch_size):
+    starts = range(0, len(texts), batch_size)
+    for start in tqdm(starts, desc=progress, unit="batch", disable=progress is None or len(starts) < 2):
         batch = tokenizer([str(t) for t in texts[start:start + batch_size]], padding=True, truncation=True, max_length=max_length,
                           return_tensors="pt")
         mask = batch["attention_mask"].to(device)
@@ -100,3 +102,39 @@ def downstream_probe(task: Any, module: Any, data: Any, device: torch.device) ->
     if getattr(task, "downstream", None) is None:
         task.downstream = Downstream(task.cfg.monitor, task.seed)
     return task.downstream(module.model, data.tokenizer, device)
+
+
+def warm_head(task: Any, module: Any, step: int) -> str | None:
+    """A text pretraining task's ``on_step``: ``task.head_warmup`` steps in which only the parameters the starting
+    checkpoint lacked (the MLM head a sentence-transformers folder has not) train, the rest frozen; then everything.
+
+    A new head is random: its first gradients would pull the pretrained encoder towards noise, and its masked-token
+    accuracy says nothing about the encoder.  Trained alone first (as linear probing before fine-tuning, Kumar et al.
+    2022), it reads the original encoder, and the evaluation at the end of the warm-up is the starting model's
+    baseline for the forgetting report."""
+    if not task.warmup_steps:
+        return None
+    head_only = step < task.warmup_steps
+    if getattr(task, "head_only", None) == head_only:
+        return None
+    task.head_only = head_only
+    new = {f"model.{name}" for name in task.start.new}
+    for name, parameter in module.named_parameters():
+        parameter.requires_grad_(not head_only or name in new)
+    if head_only:
+        return f"head warm-up: only the new parameters ({len(new)} tensors) train until step {task.warmup_steps}, the rest frozen"
+    return f"head warm-up done at step {step}: every parameter trains"
+
+
+def new_head_scales(task: Any) -> dict[str, float] | None:
+    """A text pretraining task's ``lr_scales``: the parameters a continued checkpoint lacked (a new head) train at
+    ``trainer.head_lr``; a random head learning at the small rate that suits the pretrained encoder would stay
+    random for hundreds of steps, and the encoder would bend towards it meanwhile."""
+    if task.start is None or not task.start.new or task.head_lr_scale == 1.0:
+        return None
+    return {f"model.{name}": task.head_lr_scale for name in task.start.new}
+
+
+def warmup_steps(cfg: Any, start: Any) -> int:
+    """``task.head_warmup`` when the starting checkpoint lacked some parameters (a new head), else 0."""
+    return cfg.head_warmup if start is not None and start.new else 0

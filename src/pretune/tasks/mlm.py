@@ -34,7 +34,7 @@ from pretune.errors import CheckpointError, RecipeError
 from pretune.recipe import Section
 from pretune.registry import TASKS
 from pretune.tasks.base import Task
-from pretune.tasks.common import DownstreamConfig, downstream_probe, save_hf, stack_rows
+from pretune.tasks.common import DownstreamConfig, downstream_probe, new_head_scales, save_hf, stack_rows, warm_head, warmup_steps
 from pretune.trainer.flops import transformer_training_flops
 
 IGNORE = -100
@@ -48,6 +48,7 @@ class MLMConfig(Section):
     replace_random: float = Field(0.1, ge=0, le=1)  # share replaced by a random token; the rest is kept
     whole_word: bool = False
     nsp: bool = False
+    head_warmup: int = Field(0, ge=0)  # continuing a checkpoint without an MLM head: steps that train only the new head
 
     @model_validator(mode="after")
     def _shares(self) -> "MLMConfig":
@@ -159,7 +160,16 @@ class MaskedLMTask(Task):
         if self.cfg.nsp and not backbone.path and backbone.cfg.name != "bert":
             raise RecipeError("recipe key 'task.nsp': next-sentence prediction needs a BERT backbone")
         self._prepare(data.tokenizer)
-        return MaskedLM(backbone.model(BertForPreTraining if self.cfg.nsp else AutoModelForMaskedLM, data), nsp=self.cfg.nsp)
+        model = MaskedLM(backbone.model(BertForPreTraining if self.cfg.nsp else AutoModelForMaskedLM, data), nsp=self.cfg.nsp)
+        self.start = backbone.start  # a continued checkpoint: what it keeps in the saved model (BERT's pooler...)
+        self.warmup_steps = warmup_steps(self.cfg, self.start)
+        return model
+
+    def on_step(self, module: MaskedLM, step: int) -> str | None:
+        return warm_head(self, module, step)
+
+    def lr_scales(self, module: MaskedLM) -> dict[str, float] | None:
+        return new_head_scales(self)
 
     def collate(self, rows: dict[str, list], seeds: list[int]) -> dict[str, torch.Tensor]:
         batch = stack_rows(rows)
@@ -195,4 +205,4 @@ class MaskedLMTask(Task):
         return downstream_probe(self, module, data, device)
 
     def save(self, module: MaskedLM, path: Path, data: RunData) -> None:
-        save_hf(module.model, data.tokenizer, path, {"task": "mlm", "family": self.family, "nsp": self.cfg.nsp})
+        save_hf(module.model, data.tokenizer, path, {"task": "mlm", "family": self.family, "nsp": self.cfg.nsp}, self.start)

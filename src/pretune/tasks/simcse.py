@@ -95,6 +95,7 @@ class SimCSE(Task):
 
     def build(self, backbone: HF, data: RunData) -> SimCSEModel:
         model = backbone.model(AutoModel, data)
+        self.start = backbone.start
         if getattr(model.config, "hidden_dropout_prob", 0.1) == 0:
             raise RecipeError("recipe key 'backbone.config.hidden_dropout_prob': SimCSE uses dropout as its augmentation; it must be > 0")
         return SimCSEModel(model, self.cfg)
@@ -118,4 +119,4 @@ class SimCSE(Task):
         return downstream_probe(self, module, data, device)
 
     def save(self, module: SimCSEModel, path: Path, data: RunData) -> None:
-        save_hf(module.model, data.tokenizer, path, {"task": "simcse", "family": self.family, "pooling": self.cfg.pooling})
+        save_hf(module.model, data.tokenizer, path, {"task": "simcse", "family": self.family, "pooling": self.cfg.pooling}, self.start)

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 EVAL_EPOCH = -1  # examples are seeded with this epoch during evaluation: same masks every time
+REPLAY = 0x5245504C  # salts the seed of the replayed general rows' order
 
 
 def mix(*values: int) -> int:
@@ -26,12 +27,22 @@ def mix(*values: int) -> int:
     return state & 0x7FFFFFFFFFFFFFFF
 
 
-def batch_order(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1, shuffle: bool = True) -> list[list[int]]:
+def batch_order(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1, shuffle: bool = True,
+                replay: tuple[int, float] | None = None) -> list[list[int]]:
     """This rank's micro-batches (lists of example indices) for one epoch.
 
     The tail that does not fill a whole global batch (``batch_size * world``) is dropped, so all
-    ranks run the same number of steps.
+    ranks run the same number of steps.  ``replay = (general, share)``: the last ``general`` of the
+    ``n`` rows are general text, and every micro-batch holds exactly ``round(share * batch_size)`` of
+    them (:func:`replay_rows`) beside the domain rows, which alone define the epoch.
     """
+    if replay is not None and replay[0] > 0 and replay[1] > 0:
+        general, share = replay
+        k = replay_rows(share, batch_size)
+        domain = batch_order(n - general, batch_size - k, seed, epoch, rank, world, shuffle)
+        stream = torch.randperm(general, generator=torch.Generator().manual_seed(mix(seed, epoch, REPLAY))).tolist()
+        return [rows + [n - general + stream[((i * world + rank) * k + j) % general] for j in range(k)]
+                for i, rows in enumerate(domain)]
     if shuffle:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(mix(seed, epoch))).tolist()
     else:
@@ -40,6 +51,13 @@ def batch_order(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, w
     order = order[: n // global_batch * global_batch]
     mine = order[rank::world]
     return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+def replay_rows(share: float, batch_size: int) -> int:
+    """General rows per micro-batch for a replay ``share``: ``round(share * batch_size)``, at least 1 and at most
+    ``batch_size - 1``.  (The general rows of global micro-batch ``g`` are items ``g*k .. g*k+k-1`` of a seeded
+    permutation of the general set, cycled: every rank and every resume draws the same ones.)"""
+    return min(max(1, round(share * batch_size)), batch_size - 1)
 
 
 def eval_order(n: int, batch_size: int, rank: int = 0, world: int = 1, limit: int | None = None) -> list[list[int]]:

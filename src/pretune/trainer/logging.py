@@ -117,3 +117,27 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def before_after(run_dir: Path, sets: dict[str, str], baseline: int = 0) -> dict[str, dict[str, list[float]]]:
+    """The forgetting report of a continued model: accuracy and perplexity metrics of each held-out set at the
+    evaluation of step ``baseline`` (0, or the end of a new head's warm-up: the starting model) and the last, from
+    ``metrics.jsonl``.  ``sets`` maps a metric prefix ("" for the validation set, "general_" ...) to the name shown;
+    the report is also printed."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    evaluations = [line for line in lines if line.get("split") == "validation"]
+    first = next((line for line in evaluations if line.get("step") == baseline), None)
+    if first is None or evaluations[-1]["step"] <= baseline:
+        return {}
+    last = evaluations[-1]
+    report: dict[str, dict[str, list[float]]] = {}
+    shown = []
+    for prefix, name in sets.items():
+        keys = [k[len(prefix):] for k in first if k.startswith(prefix) and k.endswith(("_accuracy", "_perplexity"))
+                and k in last and (prefix or not any(k.startswith(p) for p in sets if p))]
+        report[name] = {key: [first[prefix + key], last[prefix + key]] for key in sorted(keys)}
+        parts = [f"{key.replace('_', ' ')} {a:.4g} -> {b:.4g} ({b - a:+.4g})" for key, (a, b) in report[name].items()]
+        shown.append(f"  {name}: {', '.join(parts)}")
+    start = f"step {baseline}, the original model with its new head warmed up" if baseline else "step 0, the original model"
+    print(f"forgetting report ({start} -> step {last['step']}):\n" + "\n".join(shown), flush=True)
+    return report

@@ -91,7 +91,12 @@ def fit(task: Task, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path,
               f"(x accumulate {cfg.accumulate} x {world.size} process(es)); batches of {fits}", file=sys.stderr, flush=True)
         recipe = recipe.model_copy(update={"trainer": cfg.model_copy(update={"batch_size": fits})})
         cfg = recipe.trainer
-    steps_per_epoch = len(batching.batch_order(len(data.train), cfg.batch_size, recipe.seed, 0, world.rank, world.size)) // cfg.accumulate
+    replay = getattr(data, "replay", None)  # general text mixed into every batch (pretune adapt's forgetting guard)
+    if replay is not None and cfg.batch_size < 2:
+        raise TrainingError("recipe key 'data.general.replay': a batch needs at least 2 rows to mix domain and general text; "
+                            "raise trainer.batch_size")
+    steps_per_epoch = len(batching.batch_order(len(data.train), cfg.batch_size, recipe.seed, 0, world.rank, world.size,
+                                               replay=replay)) // cfg.accumulate
     if steps_per_epoch == 0:
         raise TrainingError(
             f"{len(data.train)} training examples do not fill one step of batch_size {cfg.batch_size} x accumulate "
@@ -151,6 +156,8 @@ def fit(task: Task, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path,
         """Evaluate, keep the best model, and say whether early stopping ends the run (on every rank alike)."""
         refit()
         progress.last_eval = evaluate(task, module, data.validation, recipe, world, trainer.precision)
+        for name, dataset in getattr(data, "held_out", {}).items():  # e.g. general text: what continued pretraining forgets
+            progress.last_eval.update({f"{name}_{k}": v for k, v in evaluate(task, module, dataset, recipe, world, trainer.precision).items()})
         checkpoint.crash_point("eval", progress.step)  # fault injection for tests/reliability (no-op otherwise)
         progress.last_eval.update(task.probe(module, data, device=world.device, precision=trainer.precision,  # k-NN accuracy...
                                              step=progress.step, out_dir=run_dir if world.main else None))
@@ -190,11 +197,14 @@ def fit(task: Task, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path,
         note = trainer.start_epoch(progress.epoch)  # task.on_epoch: e.g. gradual unfreezing, one more layer trains
         if note:
             log.note(progress.step, "epoch", f"epoch {progress.epoch}: {note}", epoch=progress.epoch)
-        order = batching.batch_order(len(data.train), cfg.batch_size, recipe.seed, progress.epoch, world.rank, world.size)
+        order = batching.batch_order(len(data.train), cfg.batch_size, recipe.seed, progress.epoch, world.rank, world.size, replay=replay)
         order = order[: steps_per_epoch * cfg.accumulate]
         batches = batching.loader(data.train, task, order[progress.position:], recipe.seed, progress.epoch,
                                   cfg.workers, pin=world.device.type == "cuda")
         for window in batching.windows(iter(batches), cfg.accumulate):
+            note = trainer.before_step(progress.step)  # task.on_step: e.g. a continued model's new head trains alone first
+            if note:
+                log.note(progress.step, "step", note)
             # 1-3. forward, loss, backward, clip, optimizer step (one per phase): Trainer.step below
             try:
                 out = trainer.step(window, progress.step)
@@ -213,7 +223,7 @@ def fit(task: Task, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path,
                 sums[k] = sums.get(k, 0) + v
             for k, v in out.units.items():
                 counts[k] = counts.get(k, 0) + v
-            evaluating = data.validation is not None and (progress.step % eval_every == 0 or last)
+            evaluating = data.validation is not None and (progress.step % eval_every == 0 or last or progress.step == task.warmup_steps)
             # a train line before every evaluation too: an early stop there must not leave the last steps' FLOPs unlogged
             if progress.step % cfg.log_every == 0 or last or evaluating:
                 seconds = time.perf_counter() - window_start
@@ -309,7 +319,14 @@ class Trainer:
     def start_epoch(self, epoch: int) -> str | None:
         """``task.on_epoch`` (e.g. gradual unfreezing); returns its note.  DDP registers the parameters
         that train, so a note (what trains changed) means wrapping the module again, on every rank."""
-        note = self.task.on_epoch(self.module, epoch)
+        return self._wrap(self.task.on_epoch(self.module, epoch))
+
+    def before_step(self, step: int) -> str | None:
+        """``task.on_step`` (a continued model's head warm-up); returns its note, wrapping again as :meth:`start_epoch`."""
+        note = self.task.on_step(self.module, step)
+        return self._wrap(note) if note is not None or self.model is None else None
+
+    def _wrap(self, note: str | None) -> str | None:
         changed = distributed.any_rank(note is not None, self.world)
         if self.model is None or (changed and self.world.distributed):
             wrapped = DistributedDataParallel(self.module, find_unused_parameters=self.multi) if self.world.distributed else self.module
