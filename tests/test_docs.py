@@ -3,7 +3,8 @@
 from pathlib import Path
 
 from pretune.backbones.transformers import TransformerConfig
-from pretune.recipe import DataConfig, Recipe, StrategyConfig, TokenizerConfig, TrainerConfig, load_recipe
+from pretune.recipe import (DataConfig, GeneralTextConfig, Recipe, StrategyConfig, TaskSelectionConfig, TokenizerConfig, TrainerConfig,
+                            VocabularyConfig, load_recipe)
 from pretune.data.labelled import LabelledDataConfig
 from pretune.tasks.finetune import FinetuneConfig
 from pretune.tasks.mlm import MLMConfig
@@ -28,14 +29,15 @@ def test_every_recipe_key_is_documented():
                 (LabelledDataConfig, "data."), (ContrastiveConfig, "task."), (AutoencoderConfig, "task."), (GANConfig, "task."),
                 (AugmentConfig, "task.augment."), (MonitorConfig, "task.monitor."),
                 (BuiltinConfig, "backbone."), (TimmConfig, "backbone."), (TorchVisionConfig, "backbone."), (StrategyConfig, "strategy."), (ArrayDataConfig, "data."),
-                (SimCSEConfig, "task.")]
+                (SimCSEConfig, "task."), (GeneralTextConfig, "data.general."), (VocabularyConfig, "data.vocabulary."),
+                (TaskSelectionConfig, "data.select.")]
     missing = [prefix + name for model, prefix in sections for name, field in model.model_fields.items()
                if not hasattr(field.annotation, "model_fields") and f"`{prefix}{name}`" not in DOC]
     assert not missing, f"document these recipe keys in docs/recipes.md: {missing}"
 
 
 def documented_commands():
-    """Every ``pretune pretrain|finetune RECIPE key=value ...`` line in the README and docs/."""
+    """Every ``pretune pretrain|adapt|finetune RECIPE key=value ...`` line in the README and docs/."""
     import re
     import shlex
 
@@ -47,7 +49,7 @@ def documented_commands():
                 language = None if language is not None else (line[3:].strip() or "text")
                 continue
             if language in ("bash", "sh", "text"):
-                match = re.search(r"pretune (pretrain|finetune) (.*)", line.split("#", 1)[0])
+                match = re.search(r"pretune (pretrain|adapt|finetune) (.*)", line.split("#", 1)[0])
                 if match and match.group(2).split()[0].endswith(".yaml"):
                     yield doc.name, match.group(1), shlex.split(match.group(2))
 

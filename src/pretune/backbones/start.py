@@ -64,6 +64,7 @@ def load_start(auto_class: Any, path: str | Path, **kwargs: Any) -> tuple[Any, S
     """``auto_class.from_pretrained(path)`` (local files, safetensors unless pickles are trusted) and its :class:`Start`."""
     verbosity = transformers.utils.logging.get_verbosity()
     transformers.utils.logging.set_verbosity_error()  # its load table and "checkpoint seems corrupted" notes: one line of ours instead
+    transformers.utils.logging.disable_progress_bar()  # its "Loading weights" bar too
     try:
         model, info = auto_class.from_pretrained(str(path), local_files_only=True, output_loading_info=True,
                                                  use_safetensors=None if pickle_trusted() else True, **kwargs)

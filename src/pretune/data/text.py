@@ -261,12 +261,20 @@ def _tokenize_batch(batch: dict[str, list], tokenizer: Any, separator: int) -> d
 
 def tokenize_documents(documents: datasets.Dataset, tokenizer: Any, separator: int,
                        num_proc: int | None = None) -> datasets.Dataset:
-    """Column ``input_ids``: each document's ids followed by ``separator`` (nothing for empty ones)."""
-    return documents.map(
-        _tokenize_batch, batched=True, remove_columns=documents.column_names, features=IDS_FEATURES,
-        fn_kwargs={"tokenizer": tokenizer, "separator": separator}, num_proc=num_proc, desc="Tokenizing",
-        new_fingerprint=_fingerprint("tokenize", documents._fingerprint, tokenizer_fingerprint(tokenizer), separator),
-    )
+    """Column ``input_ids``: each document's ids followed by ``separator`` (nothing for empty ones).
+
+    Documents are tokenised whole, longer than a pretrained tokenizer's ``model_max_length``: packing cuts
+    them into blocks, so transformers' "sequence length is longer than the maximum" warning is silenced."""
+    level = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        return documents.map(
+            _tokenize_batch, batched=True, remove_columns=documents.column_names, features=IDS_FEATURES,
+            fn_kwargs={"tokenizer": tokenizer, "separator": separator}, num_proc=num_proc, desc="Tokenizing",
+            new_fingerprint=_fingerprint("tokenize", documents._fingerprint, tokenizer_fingerprint(tokenizer), separator),
+        )
+    finally:
+        transformers.utils.logging.set_verbosity(level)
 
 
 def _cut_blocks(batch: dict[str, list], indices: list[int], source: datasets.Dataset, starts: np.ndarray,

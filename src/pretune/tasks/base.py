@@ -69,6 +69,7 @@ class Task:
     wants_logits: bool = False
     start: Any = None  # text pretraining continued from a checkpoint: what it lacked and keeps (backbones/start.py)
     warmup_steps: int = 0
+    head_only: bool | None = None  # set by the head warm-up (tasks/common.py: warm_head): only the new head trains now
     head_lr_scale: float = 1.0  # trainer.head_lr / trainer.lr: the new layers' learning rate
 
     def __init__(self, cfg: Any, seed: int = 0):

@@ -89,7 +89,7 @@ class CausalLMTask(Task):
     def flops(self, module: CausalLM, batch: dict[str, torch.Tensor]) -> float:
         ids = batch["input_ids"]
         predicted = ids.shape[0] * (ids.shape[1] - 1)
-        return transformer_training_flops(module.model.config, predicted, ids.shape[1] - 1, predicted)
+        return transformer_training_flops(module.model.config, predicted, ids.shape[1] - 1, predicted, body=not self.head_only)
 
     def probe(self, module: CausalLM, data: RunData, *, device: torch.device, precision: str, step: int,
               out_dir: Path | None) -> dict[str, float]:

@@ -115,7 +115,7 @@ def warm_head(task: Any, module: Any, step: int) -> str | None:
     if not task.warmup_steps:
         return None
     head_only = step < task.warmup_steps
-    if getattr(task, "head_only", None) == head_only:
+    if task.head_only == head_only:
         return None
     task.head_only = head_only
     new = {f"model.{name}" for name in task.start.new}

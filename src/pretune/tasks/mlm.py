@@ -198,7 +198,8 @@ class MaskedLMTask(Task):
 
     def flops(self, module: MaskedLM, batch: dict[str, torch.Tensor]) -> float:
         ids = batch["input_ids"]
-        return transformer_training_flops(module.model.config, ids.numel(), ids.shape[1], int((batch["labels"] != IGNORE).sum()))
+        return transformer_training_flops(module.model.config, ids.numel(), ids.shape[1], int((batch["labels"] != IGNORE).sum()),
+                                          body=not self.head_only)
 
     def probe(self, module: MaskedLM, data: RunData, *, device: torch.device, precision: str, step: int,
               out_dir: Path | None) -> dict[str, float]:

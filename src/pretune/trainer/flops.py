@@ -15,13 +15,17 @@ import time
 import torch
 
 
-def transformer_training_flops(config, tokens: int, seq_len: int, predicted: int) -> float:
+def transformer_training_flops(config, tokens: int, seq_len: int, predicted: int, body: bool = True) -> float:
+    """Forward + backward model FLOPs of a transformer step; ``body=False``: the body runs forward only (a new head
+    warming up alone), the head's backward still reaches its input."""
     hidden = config.hidden_size
     layers = config.num_hidden_layers
     inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
     gated = getattr(config, "model_type", "") in ("llama", "mistral", "qwen2")
     per_layer = 4 * hidden * hidden + (3 if gated else 2) * hidden * inner
     attention = 12 * layers * hidden * seq_len  # per token, forward + backward
+    if not body:
+        return 2.0 * layers * per_layer * tokens + attention / 3 * tokens + 4.0 * hidden * config.vocab_size * predicted
     return 6.0 * layers * per_layer * tokens + attention * tokens + 6.0 * hidden * config.vocab_size * predicted
 
 
