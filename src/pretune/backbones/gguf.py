@@ -64,6 +64,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     """Write the GGUF decoder ``gguf_path`` as a Hugging Face folder ``out_dir`` (float32 safetensors,
     ``config.json``, ``generation_config.json``, tokenizer files) and return ``out_dir``."""
     import torch  # imported here: locating the packaged file above stays cheap
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     path, out = Path(gguf_path).expanduser(), Path(out_dir)
@@ -79,6 +80,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
         raise CheckpointError(f"{path}: transformers cannot load this GGUF as a causal LM ({type(exc).__name__}: {first_line})") from None
     tokenizer.model_max_length = model.config.max_position_embeddings  # the GGUF leaves it unlimited
     out.mkdir(parents=True, exist_ok=True)
+    transformers.utils.logging.disable_progress_bar()  # no "Writing model shards" bar
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
