@@ -218,7 +218,7 @@ def minilm_path() -> Path | None:
 
 
 def run_adapt_demo(run_dir: str = "runs/demo", steps: int = 90, warmup: int = 30, budget: float = 0.1, seeds: int = 3,
-                   min_steps: int = 40) -> dict | None:
+                   min_steps: int = 40, eval_batches: int = 20) -> dict | None:
     """Act 4: ``pretune adapt`` of the packaged MiniLM on the docstrings (not the test ones), then the original and
     the adapted MiniLM fine-tuned alike on ``budget`` of the topic labels; None (with a note) without MiniLM."""
     minilm = minilm_path()
@@ -238,7 +238,7 @@ def run_adapt_demo(run_dir: str = "runs/demo", steps: int = 90, warmup: int = 30
     adapted = train(load_recipe(None, [  # recipes/text-adapt-mlm.yaml's settings, shorter
         f"run_dir={root / 'adapt'}", "task=mlm", f"task.head_warmup={warmup}", f"model={minilm}", f"data.files={root / 'adapt-corpus.jsonl'}",
         "data.block_size=128", "trainer.lr=5e-5", "trainer.head_lr=1e-3", "trainer.schedule=linear", "trainer.warmup=0.06",
-        f"trainer.max_steps={steps}", "trainer.batch_size=16", f"trainer.eval_every={warmup}", "trainer.eval_batches=20",
+        f"trainer.max_steps={steps}", "trainer.batch_size=16", f"trainer.eval_every={warmup}", f"trainer.eval_batches={eval_batches}",
         "trainer.save_every=100000", "trainer.tensorboard=false"]), overwrite=True)
     evals = [r for r in map(json.loads, (adapted.run_dir / "metrics.jsonl").read_text().splitlines()) if r["split"] == "validation"]
     start = next(r for r in evals if r["step"] == warmup)
