@@ -179,6 +179,9 @@ def assemble(recipe: Recipe) -> tuple[Task, RunData, torch.nn.Module]:
     """The recipe's task, data and module, composed as :func:`train` does but without a run directory
     or training: for notebooks, tests and benchmarks."""
     plan = compose(recipe)
+    if getattr(plan.data, "select", None) is not None:  # kNN-TAPT writes its selection into a run directory
+        raise RecipeError("recipe key 'data.select': task-adaptive selection needs a run directory; use pretune.train "
+                          "(or pretune adapt), or give the selected documents as data.files")
     data = data_reader(plan, recipe)(plan.backbone.path if plan.backbone.modality == "text" else None, None)
     torch.manual_seed(recipe.seed)
     return plan.task, data, plan.task.build(plan.backbone, data)

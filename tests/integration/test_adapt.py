@@ -158,3 +158,13 @@ def test_a_bare_decoder_continues_with_next_token_prediction(tmp_path):
     report = json.loads((run_dir / "forgetting.json").read_text())
     assert report["baseline_step"] == 0 and set(report["general (data.general, held out)"]) == {"clm_accuracy", "clm_perplexity"}
     assert transformers.AutoModelForCausalLM.from_pretrained(run_dir / "model").lm_head.weight.shape[0] == len(tokenizer)
+
+
+def test_assemble_refuses_a_selection_it_has_no_run_directory_for(start, topics):
+    import pretune
+    from pretune.errors import RecipeError
+    from pretune.recipe import load_recipe
+
+    recipe = load_recipe("recipes/text-adapt-mlm.yaml", [f"model={start}", f"data.select={{task: {topics / 'train.csv'}, documents: 5}}"])
+    with pytest.raises(RecipeError, match="data.select"):
+        pretune.run.assemble(recipe)

@@ -24,8 +24,7 @@ from pretune.data.readers import RunData
 from pretune.errors import RecipeError
 from pretune.recipe import Section
 from pretune.registry import TASKS
-from pretune.tasks.base import Task
-from pretune.tasks.common import DownstreamConfig, downstream_probe, new_head_scales, save_hf, stack_rows, warm_head, warmup_steps
+from pretune.tasks.common import ContinuedLM, DownstreamConfig, downstream_probe, save_hf, stack_rows
 from pretune.trainer.flops import transformer_training_flops
 
 
@@ -55,7 +54,7 @@ class CausalLM(nn.Module):
 
 
 @TASKS.register("clm")
-class CausalLMTask(Task):
+class CausalLMTask(ContinuedLM):
     Config = CLMConfig
     family = "decoder"
     losses = ("clm",)
@@ -65,15 +64,8 @@ class CausalLMTask(Task):
         if not backbone.path and backbone.cfg.name == "bert":
             raise RecipeError("recipe key 'backbone.name': causal LM needs a decoder (gpt2 or llama), not bert")
         model = CausalLM(backbone.model(AutoModelForCausalLM, data))
-        self.start = backbone.start
-        self.warmup_steps = warmup_steps(self.cfg, self.start)
+        self.continue_from(backbone)
         return model
-
-    def on_step(self, module: CausalLM, step: int) -> str | None:
-        return warm_head(self, module, step)
-
-    def lr_scales(self, module: CausalLM) -> dict[str, float] | None:
-        return new_head_scales(self)
 
     def collate(self, rows: dict[str, list], seeds: list[int]) -> dict[str, torch.Tensor]:
         return stack_rows(rows)

@@ -13,6 +13,7 @@ from pydantic import Field
 from pretune.backbones.start import Start, save_continued
 from pretune.errors import DataError
 from pretune.recipe import Section
+from pretune.tasks.base import Task
 
 
 
@@ -138,3 +139,19 @@ def new_head_scales(task: Any) -> dict[str, float] | None:
 def warmup_steps(cfg: Any, start: Any) -> int:
     """``task.head_warmup`` when the starting checkpoint lacked some parameters (a new head), else 0."""
     return cfg.head_warmup if start is not None and start.new else 0
+
+
+class ContinuedLM(Task):
+    """Base of the language-modelling tasks (MLM, CLM) that may continue a checkpoint: after ``build`` calls
+    :meth:`continue_from`, a new head warms up alone (``on_step``) at its own rate (``lr_scales``)."""
+
+    def continue_from(self, backbone: Any) -> None:
+        """Record what the backbone's checkpoint lacked and keeps (``backbone.start``) and the head warm-up it needs."""
+        self.start = backbone.start  # a continued checkpoint: what it keeps in the saved model (BERT's pooler...)
+        self.warmup_steps = warmup_steps(self.cfg, self.start)
+
+    def on_step(self, module: Any, step: int) -> str | None:
+        return warm_head(self, module, step)
+
+    def lr_scales(self, module: Any) -> dict[str, float] | None:
+        return new_head_scales(self)

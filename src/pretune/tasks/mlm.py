@@ -33,8 +33,7 @@ from pretune.data.readers import RunData
 from pretune.errors import CheckpointError, RecipeError
 from pretune.recipe import Section
 from pretune.registry import TASKS
-from pretune.tasks.base import Task
-from pretune.tasks.common import DownstreamConfig, downstream_probe, new_head_scales, save_hf, stack_rows, warm_head, warmup_steps
+from pretune.tasks.common import ContinuedLM, DownstreamConfig, downstream_probe, save_hf, stack_rows
 from pretune.trainer.flops import transformer_training_flops
 
 IGNORE = -100
@@ -134,7 +133,7 @@ class MaskedLM(nn.Module):
 
 
 @TASKS.register("mlm")
-class MaskedLMTask(Task):
+class MaskedLMTask(ContinuedLM):
     Config = MLMConfig
     family = "encoder"
     perplexity = ("mlm",)
@@ -161,15 +160,8 @@ class MaskedLMTask(Task):
             raise RecipeError("recipe key 'task.nsp': next-sentence prediction needs a BERT backbone")
         self._prepare(data.tokenizer)
         model = MaskedLM(backbone.model(BertForPreTraining if self.cfg.nsp else AutoModelForMaskedLM, data), nsp=self.cfg.nsp)
-        self.start = backbone.start  # a continued checkpoint: what it keeps in the saved model (BERT's pooler...)
-        self.warmup_steps = warmup_steps(self.cfg, self.start)
+        self.continue_from(backbone)
         return model
-
-    def on_step(self, module: MaskedLM, step: int) -> str | None:
-        return warm_head(self, module, step)
-
-    def lr_scales(self, module: MaskedLM) -> dict[str, float] | None:
-        return new_head_scales(self)
 
     def collate(self, rows: dict[str, list], seeds: list[int]) -> dict[str, torch.Tensor]:
         batch = stack_rows(rows)
