@@ -5,6 +5,8 @@ import torch
 import transformers
 from torch import nn
 
+from pretune.trainer import fast
+from pretune.trainer.attention import keep_mask
 from pretune.trainer.fast import FastDropout, attention, fast_dropout, speed_up
 
 
@@ -30,8 +32,11 @@ def attention_module(causal: bool) -> nn.Module:
     return module
 
 
+@pytest.mark.parametrize("blocked", [False, True], ids=["short", "blocked"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_attention_is_sdpa_math_with_the_mask_it_drew(causal):
+def test_attention_is_sdpa_math_with_the_mask_it_drew(causal, blocked, monkeypatch):
+    if blocked:  # long sequences take trainer/attention.py's blocked path; one block here, so the same mask stream
+        monkeypatch.setattr(fast, "BLOCKED_FROM", 1)
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 5, 4) for _ in range(3))
     # no dropout: Transformers' own SDPA function, unchanged
@@ -42,7 +47,8 @@ def test_attention_is_sdpa_math_with_the_mask_it_drew(causal):
     torch.manual_seed(5)
     out, _ = attention(attention_module(causal), q, k, v, None, dropout=0.5)
     torch.manual_seed(5)
-    keep = (torch.rand(2, 3, 5, 5) >= 0.5).float() / 0.5
+    kept, factor = keep_mask((2, 3, 5, 5), 0.5)
+    keep = kept.float() * factor
     scores = q @ k.transpose(-1, -2) / 2
     if causal:
         scores = scores.masked_fill(~torch.ones(5, 5, dtype=torch.bool).tril(), float("-inf"))
