@@ -26,6 +26,7 @@ from pretune.recipe import Section
 from pretune.registry import TASKS
 from pretune.tasks.common import ContinuedLM, DownstreamConfig, downstream_probe, save_hf, stack_rows
 from pretune.trainer.flops import transformer_training_flops
+from pretune.trainer.linear_ce import linear_cross_entropy
 
 
 class CLMConfig(Section):
@@ -35,7 +36,10 @@ class CLMConfig(Section):
 
 
 class CausalLM(nn.Module):
-    """A decoder with its language-modelling head; ``forward`` returns summed token losses."""
+    """A decoder with its language-modelling head; ``forward`` returns summed token losses.
+
+    In training the head (an ``nn.Linear``, often tied to the input embedding) and the loss are one
+    chunked ``linear_cross_entropy``; evaluation keeps the full logits for the argmax accuracy."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -44,9 +48,11 @@ class CausalLM(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         input_ids = batch["input_ids"]
-        hidden = self.model.base_model(input_ids=input_ids[:, :-1]).last_hidden_state
-        logits = self.head(hidden).float().flatten(0, 1)
+        hidden = self.model.base_model(input_ids=input_ids[:, :-1]).last_hidden_state.flatten(0, 1)
         targets = input_ids[:, 1:].flatten()
+        if self.training and type(self.head) is nn.Linear:  # chunked: never the [tokens, vocab] fp32 logits
+            return {"clm": linear_cross_entropy(hidden, self.head.weight, self.head.bias, targets)}
+        logits = self.head(hidden).float()
         out = {"clm": F.cross_entropy(logits, targets, reduction="sum")}
         if not self.training:  # next-token accuracy for validation only: an argmax over the whole vocabulary
             out["clm_correct"] = (logits.argmax(-1) == targets).sum()  # at every position costs ~1.5% of a step

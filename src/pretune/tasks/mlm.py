@@ -9,7 +9,8 @@ of the original token, **only at selected positions**:
 
 The vocabulary projection is applied only to the hidden states of selected positions (about 15%
 of them), not to every position as ``BertForMaskedLM.forward`` does: same loss, ~6x less work in
-the output layer.  With ``whole_word: true`` a word's pieces are selected together.
+the output layer; in training, BERT's decoder and the loss are one chunked ``linear_cross_entropy``.
+With ``whole_word: true`` a word's pieces are selected together.
 
 Next-sentence prediction (``nsp: true``): inputs are ``[CLS] A [SEP] B [SEP]`` pairs where B is
 the true continuation of A half of the time (label 0) and a random segment otherwise (label 1);
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 from transformers import AutoModelForMaskedLM, BertForPreTraining
+from transformers.models.bert.modeling_bert import BertLMPredictionHead
 
 from pretune.backbones.transformers import HF
 from pretune.data.readers import RunData
@@ -35,6 +37,7 @@ from pretune.recipe import Section
 from pretune.registry import TASKS
 from pretune.tasks.common import ContinuedLM, DownstreamConfig, downstream_probe, save_hf, stack_rows
 from pretune.trainer.flops import transformer_training_flops
+from pretune.trainer.linear_ce import linear_cross_entropy
 
 IGNORE = -100
 
@@ -118,12 +121,19 @@ class MaskedLM(nn.Module):
         )
         labels = batch["labels"]
         selected = labels != IGNORE
-        logits = self.head(out.last_hidden_state[selected]).float()
-        targets = labels[selected]
-        result = {
-            "mlm": F.cross_entropy(logits, targets, reduction="sum"),
-            "mlm_correct": (logits.argmax(-1) == targets).sum(),
-        }
+        hidden, targets = out.last_hidden_state[selected], labels[selected]
+        if self.training and type(self.head) is BertLMPredictionHead and type(self.head.decoder) is nn.Linear:
+            # its forward is decoder(transform(h)): chunked, without the [selected, vocab] fp32 logits
+            decoder = self.head.decoder
+            loss, correct = linear_cross_entropy(self.head.transform(hidden), decoder.weight, decoder.bias, targets,
+                                                 with_correct=True)
+            result = {"mlm": loss, "mlm_correct": correct}
+        else:  # evaluation, and heads with no transform to call (RoBERTa's: dense, gelu, norm, decoder inline)
+            logits = self.head(hidden).float()
+            result = {
+                "mlm": F.cross_entropy(logits, targets, reduction="sum"),
+                "mlm_correct": (logits.argmax(-1) == targets).sum(),
+            }
         if self.nsp:
             nsp_logits = self.model.cls.seq_relationship(out.pooler_output).float()
             nsp_labels = batch["next_sentence_label"]
