@@ -148,3 +148,28 @@ def test_lora_adapters_train_at_twenty_times_the_learning_rate_and_are_not_task_
     assert {strategies.lr_scales(strategies.parse("lora:r=2,lr_scale=3"), classifier)[n] for n in adapters} == {3.0}
     dropouts = [m for n, m in classifier.named_modules() if n.endswith("lora_dropout.default")]
     assert dropouts and all(isinstance(m, torch.nn.Identity) for m in dropouts)  # no adapter dropout by default
+
+
+def test_length_grouping_sizes_are_characters_capped_at_max_length_and_none_without_padding():
+    import datasets
+    from types import SimpleNamespace
+
+    def two_characters_per_token(texts, is_split_into_words=False, add_special_tokens=True):
+        joined = [" ".join(t) if is_split_into_words else t for t in texts]
+        return {"input_ids": [[0] * ((len(t) + 1) // 2) for t in joined]}
+
+    task = Finetune.__new__(Finetune)  # only lengths() is exercised: it reads task.data
+    task.data = SimpleNamespace(tokenizer=two_characters_per_token, text="text", text_pair=None, max_length=100)
+    rows = datasets.Dataset.from_dict({"text": ["ab", "a much longer one", ""], "other": ["x", "yy", "zzz"]})
+    assert task.lengths(rows) == [2, 17, 0]
+    task.data.text_pair = "other"
+    assert task.lengths(rows) == [3, 19, 3]
+    task.data.text_pair, task.data.max_length = None, 4  # 4 tokens hold about 8 characters (19 characters in 10 tokens here)
+    assert task.lengths(rows) == [2, 8, 0]
+    task.data.max_length = 100
+    tagged = datasets.Dataset.from_dict({"text": [["John", "lives"], ["x"]]})
+    assert task.lengths(tagged) == [11, 2]  # words and the spaces between them
+    features = datasets.Dataset.from_dict({"text": ["a"], "features": [[0.0]]})
+    assert task.lengths(features) is None  # cached features: nothing is padded
+    task.data.tokenizer = None
+    assert task.lengths(rows) is None  # images / vectors

@@ -54,3 +54,41 @@ def test_replay_over_ranks_is_the_single_process_order_dealt_out():
     # each global step holds the same rows whatever the split into processes
     for step, rows in enumerate(single):
         assert sorted(rows) == sorted(ranks[0][step] + ranks[1][step])
+
+
+def _lengths(n, seed=0):
+    import random
+    rng = random.Random(seed)
+    return [rng.randint(1, 500) for _ in range(n)]
+
+
+def test_length_groups_train_on_the_same_examples_each_epoch_with_little_padding():
+    from pretune.trainer import data as batching
+    n, batch, lengths = 1000, 8, _lengths(1000)
+    for epoch in range(3):
+        plain = batch_order(n, batch, seed=1, epoch=epoch)
+        grouped = batch_order(n, batch, seed=1, epoch=epoch, lengths=lengths)
+        assert sorted(i for b in grouped for i in b) == sorted(i for b in plain for i in b)  # only the order changes
+        assert all(len(b) == batch for b in grouped)
+        padded = lambda batches: sum(max(lengths[i] for i in b) * len(b) for b in batches)  # noqa: E731
+        assert padded(grouped) < 0.6 * padded(plain)  # 50-batch windows sorted: most padding gone
+        # batches are shuffled across the epoch, not sorted from short to long
+        first = [max(lengths[i] for i in b) for b in grouped]
+        assert first != sorted(first) and first != sorted(first, reverse=True)
+    assert batch_order(n, batch, 1, 0, lengths=lengths) == batch_order(n, batch, 1, 0, lengths=lengths)  # resume-exact
+    assert batch_order(n, batch, 1, 0, lengths=lengths) != batch_order(n, batch, 1, 1, lengths=lengths)
+    assert batch_order(n, batch, 1, 0, lengths=lengths) != batch_order(n, batch, 2, 0, lengths=lengths)
+    # windows hold GROUP_WINDOW global batches: a sorted window's batches never mix rows of two windows
+    window = batching.GROUP_WINDOW * batch
+    order = batching.torch.randperm(n, generator=batching.torch.Generator().manual_seed(mix(1, 0))).tolist()
+    windows = {i: w for w in range(0, n, window) for i in order[w:w + window]}
+    assert all(len({windows[i] for i in b}) == 1 for b in batch_order(n, batch, 1, 0, lengths=lengths))
+
+
+def test_length_grouped_global_batch_is_the_same_whatever_the_world_size():
+    n, lengths = 203, _lengths(203, seed=3)
+    single = batch_order(n, 8, seed=5, epoch=2, lengths=lengths)
+    ranks = [batch_order(n, 4, seed=5, epoch=2, rank=r, world=2, lengths=lengths) for r in range(2)]
+    assert len(single) == len(ranks[0]) == len(ranks[1])
+    for step, rows in enumerate(single):
+        assert sorted(rows) == sorted(ranks[0][step] + ranks[1][step])

@@ -118,6 +118,11 @@ class Task:
         """Metrics over the whole validation set (with ``wants_logits = True``)."""
         return {}
 
+    def lengths(self, train: Any) -> list[int] | None:
+        """A cheap size per training example for length-grouped batches (``trainer.group_by_length``), or
+        ``None`` when batches are not padded (packed blocks, images, cached features)."""
+        return None
+
     def on_epoch(self, module: nn.Module, epoch: int) -> str | None:
         """Start of ``epoch``; a returned note (e.g. "unfroze layer 3") is logged and means what trains changed."""
         return None

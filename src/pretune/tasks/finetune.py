@@ -21,6 +21,7 @@ without changing it.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -44,6 +45,9 @@ from pretune.trainer.flops import forward_flops
 from pretune.trainer.precision import autocast
 
 HEAD_OF_TASK = {"classify": "single", "regress": "regression", "tag": "tags"}
+
+
+SIZE_SAMPLE = 512  # rows whose characters per token convert data.max_length into a character cap (lengths())
 
 
 class FinetuneConfig(Section):
@@ -224,6 +228,25 @@ class Finetune(Task):
             batch["labels"] = self.head.tensor(rows["labels"])
         return batch
 
+    def lengths(self, train: Any) -> list[int] | None:
+        """Characters per example (text and pair), capped at what ``data.max_length`` tokens hold: a size for
+        length-grouped batches that needs no pass of the tokenizer over the whole set.
+
+        The cap matters: texts cut at ``max_length`` all cost the same, and sorting them by their
+        uncut length would only make batches correlate with whatever correlates with length (often the class)."""
+        data = getattr(self, "data", None)
+        columns = getattr(train, "column_names", None) or []
+        if data is None or data.tokenizer is None or data.text not in columns or "features" in columns:
+            return None  # images, vectors, cached features, SetFit's anchors: nothing is padded per batch
+        if getattr(self, "cacheable", False):
+            return None  # the same order as the cached-feature run, so task.cache_features does not change the result
+        texts = train[data.text]
+        sizes = [_characters(text) for text in texts]
+        if data.text_pair:
+            sizes = [size + _characters(pair) for size, pair in zip(sizes, train[data.text_pair])]
+        cap = _characters_per_token(data.tokenizer, texts[:SIZE_SAMPLE]) * data.max_length
+        return [min(size, math.ceil(cap)) for size in sizes]
+
     def units(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if "pair_targets" in batch:
             return {setfit.PAIR_LOSS: torch.tensor(len(batch["pair_targets"]))}
@@ -262,7 +285,9 @@ class Finetune(Task):
             except ValueError as exc:
                 raise RecipeError(f"recipe key 'strategy': {exc}") from None
             return RunData(**{**vars(data), "train": self.anchors})
-        if not (self.strategy.frozen_backbone and module.model.supports_cache(self.head)):
+        # a frozen backbone with cacheable features keeps the cached run's batch order even with task.cache_features=false
+        self.cacheable = self.strategy.frozen_backbone and module.model.supports_cache(self.head)
+        if not self.cacheable:
             return data
         fit = self.fits_probe and module.model.linear_head() is not None
         if self.fits_probe and not fit:
@@ -311,3 +336,15 @@ class Finetune(Task):
 
 for _name in ("classify", "regress", "tag"):
     TASKS.register(_name)(Finetune)
+
+
+def _characters(text: Any) -> int:
+    """The length of a text, or of a tagging row's words (with a space between each)."""
+    return sum(len(word) + 1 for word in text) if isinstance(text, list) else len(text or "")
+
+
+def _characters_per_token(tokenizer: Any, texts: list) -> float:
+    """Characters per token of the first rows (``SIZE_SAMPLE``): converts ``max_length`` tokens into characters."""
+    words = bool(texts) and isinstance(texts[0], list)
+    pieces = sum(len(ids) for ids in tokenizer(texts, is_split_into_words=words, add_special_tokens=False)["input_ids"])
+    return sum(_characters(text) for text in texts) / max(1, pieces)

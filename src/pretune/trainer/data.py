@@ -15,6 +15,8 @@ from torch.utils.data import DataLoader, Dataset
 
 EVAL_EPOCH = -1  # examples are seeded with this epoch during evaluation: same masks every time
 REPLAY = 0x5245504C  # salts the seed of the replayed general rows' order
+GROUPS = 0x47525053  # salts the seed of the length-grouped batches' order
+GROUP_WINDOW = 50  # global batches per length-sorted window (transformers' LengthGroupedSampler's "megabatches")
 
 
 def mix(*values: int) -> int:
@@ -28,13 +30,14 @@ def mix(*values: int) -> int:
 
 
 def batch_order(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1, shuffle: bool = True,
-                replay: tuple[int, float] | None = None) -> list[list[int]]:
+                replay: tuple[int, float] | None = None, lengths: list[int] | None = None) -> list[list[int]]:
     """This rank's micro-batches (lists of example indices) for one epoch.
 
     The tail that does not fill a whole global batch (``batch_size * world``) is dropped, so all
     ranks run the same number of steps.  ``replay = (general, share)``: the last ``general`` of the
     ``n`` rows are general text, and every micro-batch holds exactly ``round(share * batch_size)`` of
-    them (:func:`replay_rows`) beside the domain rows, which alone define the epoch.
+    them (:func:`replay_rows`) beside the domain rows, which alone define the epoch.  ``lengths``
+    (one size per example): each global batch holds examples of similar length (:func:`group_by_length`).
     """
     if replay is not None and replay[0] > 0 and replay[1] > 0:
         general, share = replay
@@ -49,8 +52,29 @@ def batch_order(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, w
         order = list(range(n))
     global_batch = batch_size * world
     order = order[: n // global_batch * global_batch]
+    if lengths is not None and shuffle:
+        order = group_by_length(order, lengths, global_batch, seed, epoch)
     mine = order[rank::world]
     return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+def group_by_length(order: list[int], lengths: list[int], global_batch: int, seed: int, epoch: int) -> list[int]:
+    """The epoch's shuffled ``order`` rearranged so each run of ``global_batch`` examples has similar lengths.
+
+    Padding to a batch's longest row then wastes little.  The order is cut into windows of
+    ``GROUP_WINDOW`` global batches; each window is sorted by length (stable, so ties keep the
+    shuffled order) and cut into global batches; then all the epoch's batches are shuffled (seeded by
+    ``(seed, epoch)``).  So batches stay random in content and in order, each epoch trains on exactly
+    the examples the ungrouped order would, nothing but the ``order`` is read (no pass over the data
+    before step 1), and the result is a pure function of ``(seed, epoch)``: resume stays exact.
+    """
+    window = GROUP_WINDOW * global_batch
+    batches = []
+    for start in range(0, len(order), window):
+        part = sorted(order[start : start + window], key=lengths.__getitem__)
+        batches += [part[i : i + global_batch] for i in range(0, len(part), global_batch)]
+    shuffled = torch.randperm(len(batches), generator=torch.Generator().manual_seed(mix(seed, epoch, GROUPS))).tolist()
+    return [index for b in shuffled for index in batches[b]]
 
 
 def replay_rows(share: float, batch_size: int) -> int:

@@ -95,8 +95,9 @@ def fit(task: Task, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path,
     if replay is not None and cfg.batch_size < 2:
         raise TrainingError("recipe key 'data.general.replay': a batch needs at least 2 rows to mix domain and general text; "
                             "raise trainer.batch_size")
+    lengths = task.lengths(data.train) if cfg.group_by_length else None  # padded batches: group rows of similar length
     steps_per_epoch = len(batching.batch_order(len(data.train), cfg.batch_size, recipe.seed, 0, world.rank, world.size,
-                                               replay=replay)) // cfg.accumulate
+                                               replay=replay, lengths=lengths)) // cfg.accumulate
     if steps_per_epoch == 0:
         raise TrainingError(
             f"{len(data.train)} training examples do not fill one step of batch_size {cfg.batch_size} x accumulate "
@@ -197,7 +198,8 @@ def fit(task: Task, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path,
         note = trainer.start_epoch(progress.epoch)  # task.on_epoch: e.g. gradual unfreezing, one more layer trains
         if note:
             log.note(progress.step, "epoch", f"epoch {progress.epoch}: {note}", epoch=progress.epoch)
-        order = batching.batch_order(len(data.train), cfg.batch_size, recipe.seed, progress.epoch, world.rank, world.size, replay=replay)
+        order = batching.batch_order(len(data.train), cfg.batch_size, recipe.seed, progress.epoch, world.rank, world.size,
+                                     replay=replay, lengths=lengths)
         order = order[: steps_per_epoch * cfg.accumulate]
         batches = batching.loader(data.train, task, order[progress.position:], recipe.seed, progress.epoch,
                                   cfg.workers, pin=world.device.type == "cuda")
