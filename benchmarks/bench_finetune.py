@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 from bench_pretrain import WORKLOADS, model_overrides
-from common import (bench_env, check_source, pretune_step_times, read_csv, report_header, report_result, run_alternating, spread,
+from common import (bench_env, check_source, load_summary, pretune_step_times, read_csv, report_header, report_result, run_alternating, spread,
                     steady_seconds, tail_mean, write_results, write_topic_split)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +54,8 @@ RECIPE = ROOT / "recipes" / "text-classify.yaml"
 
 MAX_LENGTH, BATCH, LR, WEIGHT_DECAY, WARMUP, SEED = 128, 32, 5e-4, 0.01, 0.1, 0
 # contender name -> (tool, precision)
-CONTENDERS = [("hf-fp32", "hf", "fp32"), ("hf-bf16", "hf", "bf16"), ("pretune", "pretune", "auto")]
+CONTENDERS = [("hf-fp32", "hf", "fp32"), ("hf-bf16", "hf", "bf16"), ("pretune", "pretune", "auto"),
+              ("pretune-ungrouped", "pretune-ungrouped", "auto")]  # trainer.group_by_length=false: random batches
 TARGET_SPEEDUP = 1.3
 
 
@@ -96,7 +97,7 @@ def cross_entropy(logits, labels) -> float:
     return float(torch.nn.functional.cross_entropy(torch.as_tensor(logits).float(), torch.as_tensor(labels)))
 
 
-def run_pretune(init: Path, data_dir: Path, steps: int, warmup: int, precision: str) -> dict:
+def run_pretune(init: Path, data_dir: Path, steps: int, warmup: int, precision: str, grouped: bool = True) -> dict:
     import pretune
     import torch
     import transformers
@@ -111,6 +112,7 @@ def run_pretune(init: Path, data_dir: Path, steps: int, warmup: int, precision: 
             f"trainer.weight_decay={WEIGHT_DECAY}", "trainer.schedule=linear", f"trainer.warmup={WARMUP}", "trainer.clip=1.0",
             f"trainer.precision={precision}", f"trainer.eval_every={steps}", "trainer.patience=null", "trainer.log_every=1",
             "trainer.progress=false", "trainer.tensorboard=false", f"trainer.save_every={steps + 1}",
+            f"trainer.group_by_length={str(grouped).lower()}",
         ])
         train = pretune_step_times(result.run_dir, steps)
         rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -121,8 +123,9 @@ def run_pretune(init: Path, data_dir: Path, steps: int, warmup: int, precision: 
     sizes = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=MAX_LENGTH)["input_ids"]]
     lengths: list[int] = []
     real: list[float] = []
+    characters = [len(text) for text in texts] if grouped else None  # what Finetune.lengths() gives the loop
     for epoch in range(math.ceil(steps * BATCH / len(texts)) + 1):
-        for batch in batch_order(len(texts), BATCH, SEED, epoch):
+        for batch in batch_order(len(texts), BATCH, SEED, epoch, lengths=characters):
             lengths.append(max(sizes[i] for i in batch))
             real.append(statistics.mean(sizes[i] for i in batch))
     config = transformers.AutoConfig.from_pretrained(str(init))
@@ -194,8 +197,14 @@ def run_hf(init: Path, data_dir: Path, steps: int, warmup: int, precision: str) 
 
 def child(args: argparse.Namespace) -> None:
     """One contender, one repetition, in its own process; prints a JSON line."""
-    runner = run_hf if args.tool == "hf" else run_pretune
-    report_result(runner(Path(args.init), Path(args.data_dir), args.steps, args.warmup, args.precision))
+    global SEED
+    SEED = args.seed
+    if args.tool == "hf":
+        result = run_hf(Path(args.init), Path(args.data_dir), args.steps, args.warmup, args.precision)
+    else:
+        result = run_pretune(Path(args.init), Path(args.data_dir), args.steps, args.warmup, args.precision,
+                             grouped=args.tool == "pretune")
+    report_result({**result, "seed": SEED})
 
 
 def peaks() -> dict:
@@ -216,6 +225,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--pretrain-steps", type=int, default=None, help="MLM steps before saving the initial folder")
     parser.add_argument("--lr", type=float, default=None, help=f"learning rate of both tools (default {LR})")
+    parser.add_argument("--contenders", default=",".join(name for name, _, _ in CONTENDERS))
+    parser.add_argument("--seed", type=int, default=SEED, help="repetition r runs every contender with seed + r")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tool", help=argparse.SUPPRESS)
     parser.add_argument("--precision", help=argparse.SUPPRESS)
@@ -238,14 +249,20 @@ def main() -> None:
         report = {**report_header(), "encoder": "BERT L4/H256/A4 (backbone.size=mini)", "pretrain_steps": pretrain_steps,
                   **sizes, "max_length": MAX_LENGTH, "batch": BATCH, "lr": LR, "steps": args.steps, "warmup": args.warmup,
                   "repeats": repeats, "peak_gflops": {k: v / 1e9 for k, v in peak.items()}, "rows": []}
-        runs = run_alternating(
-            CONTENDERS, repeats,
-            lambda tool, precision: [__file__, "--child", "--tool", tool, "--precision", precision, "--init", str(init),
-                                     "--data-dir", str(work), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                                     "--lr", str(LR)],
-            bench_env(), lambda name, rep, r: (f"{name} rep {rep}: {r['samples_per_s']:.1f} samples/s (padded length "
-                                               f"{r['padded_length']:.0f}, real {r['real_length']:.0f}), test accuracy {r['accuracy']:.4f}, "
-                                               f"test loss {r['test_loss']:.3f}, train loss {r['final_loss']:.3f}"))
+        contenders = [c for c in CONTENDERS if c[0] in args.contenders.split(",")]
+        runs = {name: [] for name, _, _ in contenders}
+        for rep in range(repeats):  # repetition r: every contender with the same seed (paired), the order alternating
+            seed = args.seed + rep
+            done = run_alternating(
+                contenders if rep % 2 == 0 else contenders[::-1], 1,
+                lambda tool, precision: [__file__, "--child", "--tool", tool, "--precision", precision, "--init", str(init),
+                                         "--data-dir", str(work), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                                         "--lr", str(LR), "--seed", str(seed)],
+                bench_env(), lambda name, _, r: (f"{name} seed {r['seed']}: {r['samples_per_s']:.1f} samples/s (padded length "
+                                                 f"{r['padded_length']:.0f}, real {r['real_length']:.0f}), test accuracy "
+                                                 f"{r['accuracy']:.4f}, test loss {r['test_loss']:.3f}, train loss {r['final_loss']:.3f}"))
+            for name, rows in done.items():
+                runs[name] += rows
         peak = {k: max(v, w) for (k, v), w in zip(peak.items(), peaks().values())}  # before and after: the best of both
         report["peak_gflops"] = {k: v / 1e9 for k, v in peak.items()}
         check_source(report)
@@ -253,7 +270,8 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     ours = statistics.median(r["samples_per_s"] for r in runs["pretune"])
     ours_accuracy = statistics.median(r["accuracy"] for r in runs["pretune"])
-    for name, _, precision in CONTENDERS:
+    loads = load_summary(runs)
+    for name, _, precision in contenders:
         speed = spread([r["samples_per_s"] for r in runs[name]])
         accuracy = statistics.median(r["accuracy"] for r in runs[name])
         used = runs[name][0]["precision"]
@@ -265,6 +283,8 @@ def main() -> None:
             "mfu": statistics.median(r["flop_per_s"] for r in runs[name]) / peak["bf16" if used == "bf16" else "fp32"],
             "accuracy": accuracy, "final_loss": statistics.median(r["final_loss"] for r in runs[name]),
             "pretune_speedup": ours / speed["median"], "pretune_minus_this_points": 100 * (ours_accuracy - accuracy),
+            "paired_points": [100 * (a["accuracy"] - b["accuracy"]) for a, b in zip(runs["pretune"], runs[name])],
+            "foreign_load": loads[name]["max_foreign_load"], "peak_rss_mb": loads[name]["median_peak_rss_mb"],
             "runs": runs[name],
         })
     # accuracy "within noise": the difference of two accuracies on the same n test rows, 2 standard errors
@@ -278,7 +298,7 @@ def main() -> None:
          "mfu": pretune_row["mfu"], "mfu_other": r["mfu"], "unit": "samples/s",
          "quality": f"test accuracy {ours_accuracy:.2%} vs {r['accuracy']:.2%} ({r['pretune_minus_this_points']:+.1f} points, "
                     f"noise ± {report['accuracy_noise_points']:.1f})"}
-        for r in report["rows"] if r["contender"] != "pretune"]
+        for r in report["rows"] if r["contender"].startswith("hf-")]
     write_results("finetune", args.quick, report)
     print(table(report))
 
@@ -289,13 +309,16 @@ def table(report: dict) -> str:
              f"{report['test']} test · max length {report['max_length']}, batch {report['batch']} · {report['steps']} steps "
              f"({report['warmup']} warm-up) × {report['repeats']} repeats · GEMM peak fp32 {report['peak_gflops']['fp32']:.0f} / "
              f"bf16 {report['peak_gflops']['bf16']:.0f} GFLOP/s", "",
-             "| contender | samples/s (median) | min–max | padded (real) length | MFU | test accuracy | test loss | final train loss | pretune ÷ this | pretune − this (points) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| contender | samples/s (median) | min–max | padded (real) length | MFU | test accuracy | test loss | final train loss | "
+             "pretune ÷ this | pretune − this (points, per seed) | peak RSS MB | foreign load (max) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         lines.append(f"| {r['contender']} ({r['precision']}) | {r['samples_per_s']:.1f} | {r['min']:.1f}–{r['max']:.1f} | "
                      f"{r['padded_length']:.0f} ({r['real_length']:.0f}) | {r['mfu']:.1%} | {r['accuracy']:.2%} | {r['test_loss']:.3f} | "
                      f"{r['final_loss']:.3f} | "
-                     f"{r['pretune_speedup']:.2f}× | {r['pretune_minus_this_points']:+.1f} |")
+                     f"{r['pretune_speedup']:.2f}× | {r['pretune_minus_this_points']:+.1f} "
+                     f"({', '.join(f'{x:+.1f}' for x in r.get('paired_points', []))}) | {r.get('peak_rss_mb', float('nan')):.0f} | "
+                     f"{r.get('foreign_load', float('nan')):.2f} |")
     lines.append(f"target: ≥ {TARGET_SPEEDUP}× samples/s against each Trainer contender, accuracy within ± "
                  f"{report['accuracy_noise_points']:.1f} points (2 standard errors of a difference on {report['test']} rows): "
                  + ", ".join(f"{s['row'].split()[-1]} {'met' if s['met'] else 'NOT met'}" for s in report["summary"]))
