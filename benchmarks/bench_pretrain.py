@@ -235,7 +235,7 @@ def table(report: dict) -> str:
              "| workload | contender | tokens/s (median) | min–max | MFU | final loss | pretune ÷ this | peak RSS MB | "
              "foreign load (max) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
-        ratio = f"**{r['pretune_speedup']:.2f}×** (strongest)" if r.get("strongest") else f"{r['pretune_speedup']:.2f}×"
+        ratio = (f"**{r['pretune_speedup']:.2f}×** (the faster Trainer run)" if r.get("strongest") else f"{r['pretune_speedup']:.2f}×")
         lines.append(f"| {r['workload']} | {r['contender']} ({r.get('precision', '')}) | {r['tokens_per_s']:.0f} | "
                      f"{r['min']:.0f}–{r['max']:.0f} | {r['mfu']:.1%} | {r['final_loss']:.3f} | {ratio} | "
                      f"{r.get('peak_rss_mb', float('nan')):.0f} | {r.get('foreign_load', float('nan')):.2f} |")
