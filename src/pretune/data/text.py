@@ -7,7 +7,9 @@ The flow is four plain functions: :func:`load_documents` (files -> one row per d
 :func:`~pretune.data.tokenizer.get_tokenizer` (load or train), :func:`pack_blocks` (documents ->
 full fixed-length blocks, no padding) or :func:`~pretune.data.nsp.sentence_pair_blocks` (BERT's
 sentence pairs).  Everything stays in memory-mapped Arrow files written by ``datasets``, so a
-corpus larger than RAM works; maps are cached and reused when inputs are unchanged.
+corpus larger than RAM works.  Every step is cached and reused by the next run whose inputs are the
+same: the files' *content* (:func:`~pretune.data.files.signature`), the data options, the tokenizer,
+the block size and the code that tokenises and packs, so a cache never serves stale ids.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ IDS_FEATURES = datasets.Features({"input_ids": datasets.List(datasets.Value("int
 PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n")
 SAMPLE_BY = {"line": "line", "paragraph": "paragraph", "file": "document"}  # data.document -> datasets' text builder
 AUTO_LINES = 50  # data.document=auto: a text file of this many lines and no blank line is one document per line
+PROCESSES_FROM = 100_000  # documents: tokenise this many or more in one process per core (fewer: start-up costs more)
 
 
 @dataclass
@@ -192,12 +195,21 @@ def _clean_batch(batch: dict[str, list], column: str, paragraphs: bool) -> dict[
 
 
 def _read_run(paths: list[str], fmt: str, reading: str | None, cfg: DataConfig) -> datasets.Dataset:
-    raw = _open_run(paths, fmt, reading, cfg.cache_dir, streaming=False)
+    raw = _open_run(paths, fmt, reading, content_cache(cfg.cache_dir, paths), streaming=False)
     column = _text_column(paths, fmt, cfg.column, raw.features)
     return raw.map(
         _clean_batch, batched=True, remove_columns=raw.column_names, features=TEXT_FEATURES,
         fn_kwargs={"column": column, "paragraphs": reading == "paragraph"}, desc="Reading documents",
     )
+
+
+def content_cache(cache_dir: str | None, paths: list[str]) -> str:
+    """The folder of ``cache_dir`` (datasets' own by default) that holds the Arrow files of ``paths`` and of
+    everything derived from them, named by the files' content.  ``datasets`` keys its cache of local files
+    on their modification times alone, so a file edited in place with its time restored would be read back
+    from the old Arrow files; in a folder of its content it cannot be."""
+    root = cache_dir if cache_dir is not None else str(datasets.config.HF_DATASETS_CACHE)
+    return os.path.join(root, "pretune-corpus", Hasher.hash(signature(paths)))
 
 
 def _stream_documents(runs: list[tuple[tuple[str, str | None], list[str]]], cfg: DataConfig) -> datasets.Dataset:
@@ -224,7 +236,7 @@ def _generate_documents(spec: str):
     """Generator behind :func:`_stream_documents`; ``spec`` (JSON) also keys the Arrow cache."""
     spec = json.loads(spec)
     count = 0
-    for fmt, reading, paths, _stats in spec["runs"]:  # the stats (sizes, times) only key the cache
+    for fmt, reading, paths, _hashes in spec["runs"]:  # the content hashes only key the cache
         stream = _open_run(paths, fmt, reading, None, streaming=True)
         column = _text_column(paths, fmt, spec["column"], stream.features)
         for rows in stream.iter(batch_size=1000):
@@ -259,20 +271,45 @@ def _tokenize_batch(batch: dict[str, list], tokenizer: Any, separator: int) -> d
     return {"input_ids": [ids + [separator] if ids else [] for ids in encoded["input_ids"]]}
 
 
+def tokenize_processes(documents: int) -> int | None:
+    """Processes that tokenise ``documents``: one per core from ``PROCESSES_FROM`` documents, else None (this one).
+    The tokenizers library's own threads left one of 2 cores idle on a corpus of short documents."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cores if cores > 1 and documents >= PROCESSES_FROM else None
+
+
+@contextlib.contextmanager
+def _tokenizer_threads_off(processes: int | None) -> Iterator[None]:
+    """With worker processes, no tokenizer thread pool in them (tokenizers would warn at the fork, and 2 cores
+    are taken already); the user's own ``TOKENIZERS_PARALLELISM`` wins."""
+    unset = processes is not None and "TOKENIZERS_PARALLELISM" not in os.environ
+    if unset:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if unset:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+
+
 def tokenize_documents(documents: datasets.Dataset, tokenizer: Any, separator: int,
                        num_proc: int | None = None) -> datasets.Dataset:
     """Column ``input_ids``: each document's ids followed by ``separator`` (nothing for empty ones).
 
     Documents are tokenised whole, longer than a pretrained tokenizer's ``model_max_length``: packing cuts
-    them into blocks, so transformers' "sequence length is longer than the maximum" warning is silenced."""
+    them into blocks, so transformers' "sequence length is longer than the maximum" warning is silenced.
+    ``num_proc``: worker processes (default: :func:`tokenize_processes`)."""
+    num_proc = num_proc if num_proc is not None else tokenize_processes(len(documents))
     level = transformers.utils.logging.get_verbosity()
     transformers.utils.logging.set_verbosity_error()
     try:
-        return documents.map(
-            _tokenize_batch, batched=True, remove_columns=documents.column_names, features=IDS_FEATURES,
-            fn_kwargs={"tokenizer": tokenizer, "separator": separator}, num_proc=num_proc, desc="Tokenizing",
-            new_fingerprint=_fingerprint("tokenize", documents._fingerprint, tokenizer_fingerprint(tokenizer), separator),
-        )
+        with _tokenizer_threads_off(num_proc):
+            return documents.map(
+                _tokenize_batch, batched=True, remove_columns=documents.column_names, features=IDS_FEATURES,
+                fn_kwargs={"tokenizer": tokenizer, "separator": separator}, num_proc=num_proc, desc="Tokenizing",
+                new_fingerprint=_fingerprint("tokenize", documents._fingerprint, tokenizer_fingerprint(tokenizer), separator,
+                                             Hasher.hash(_tokenize_batch)),
+            )
     finally:
         transformers.utils.logging.set_verbosity(level)
 
@@ -308,7 +345,7 @@ def pack_blocks(documents: datasets.Dataset, tokenizer: Any, block_size: int, fa
         separator, prefix = tokenizer.eos_token_id, []
     else:
         raise ValueError(f"family must be 'encoder' or 'decoder', got {family!r}")
-    tokens = tokenize_documents(documents, tokenizer, separator, num_proc)
+    tokens = tokenize_documents(documents, tokenizer, separator, num_proc)  # num_proc None: one process per core if many
     lengths = pc.list_value_length(tokens.data.column("input_ids")).to_numpy(zero_copy_only=False)
     starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
     piece = block_size - len(prefix)
@@ -322,7 +359,7 @@ def pack_blocks(documents: datasets.Dataset, tokenizer: Any, block_size: int, fa
         _cut_blocks, batched=True, with_indices=True, remove_columns=["input_ids"], features=IDS_FEATURES,
         fn_kwargs={"source": tokens, "starts": starts, "piece": piece, "count": count, "prefix": prefix},
         num_proc=num_proc, desc="Packing blocks",
-        new_fingerprint=_fingerprint("pack", tokens._fingerprint, block_size, prefix),
+        new_fingerprint=_fingerprint("pack", tokens._fingerprint, block_size, prefix, Hasher.hash(_cut_blocks)),
     )
 
 
