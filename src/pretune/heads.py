@@ -105,7 +105,9 @@ class Head:
     def score(self, logits: list[torch.Tensor], labels: list[torch.Tensor], names: list[str], threshold: float = 0.5) -> dict:
         """All metrics from the logits and labels of a whole evaluation set."""
         y_pred = torch.cat([self.predictions(x, threshold) for x in logits]).numpy()
-        return M.classification_metrics(torch.cat(labels).numpy(), y_pred, names)
+        truth = torch.cat(labels).numpy()
+        probabilities = torch.cat(logits).float().softmax(-1).numpy()
+        return {**M.classification_metrics(truth, y_pred, names), **M.probability_metrics(truth, probabilities)}
 
     def decode(self, logits: torch.Tensor, names: list[str], threshold: float = 0.5) -> list[dict[str, Any]]:
         """One output dict per row of ``logits`` (what ``predict`` returns)."""
@@ -114,7 +116,9 @@ class Head:
 
     def score_decoded(self, truth: list, results: list[dict[str, Any]], names: list[str]) -> dict:
         """Metrics of decoded predictions against encoded labels (``pretune evaluate``)."""
-        return M.classification_metrics(truth, [names.index(r["label"]) for r in results], names)
+        probabilities = [[r["probabilities"][name] for name in names] for r in results]
+        return {**M.classification_metrics(truth, [names.index(r["label"]) for r in results], names),
+                **M.probability_metrics(truth, probabilities)}
 
 
 class SingleLabel(Head):
@@ -175,6 +179,17 @@ class MultiLabel(Head):
         return M.multilabel_metrics([[int(x) for x in t] for t in truth], [[int(n in r["labels"]) for n in names] for r in results], names)
 
 
+def finite_number(value: Any, what: str) -> float:
+    """``float(value)``, or one line saying that ``what`` (which names the value and where it is) is not a finite number."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise DataError(f"{what} is not a number") from None
+    if not math.isfinite(number):
+        raise DataError(f"{what} is NaN or infinite")
+    return number
+
+
 class Regression(Head):
     name = "regression"
     loss_key = "mse"
@@ -188,13 +203,7 @@ class Regression(Head):
     def parse(self, value: Any, where: str, n_words: int, text_column: str) -> Any:
         if value is None or (isinstance(value, str) and not value.strip()):
             raise DataError(f"missing regression target in {where}")
-        try:
-            target = float(value)
-        except (TypeError, ValueError):
-            raise DataError(f"regression target {value!r} in {where} is not a number") from None
-        if not math.isfinite(target):
-            raise DataError(f"regression target {value!r} in {where} is NaN or infinite")
-        return target
+        return finite_number(value, f"regression target {value!r} in {where}")
 
     def keys(self, label: Any) -> list[str]:
         return []

@@ -12,6 +12,7 @@ from pretune.evaluate.metrics import (
     entity_metrics,
     multilabel_metrics,
     primary_metric,
+    probability_metrics,
     regression_metrics,
     summary_table,
 )
@@ -241,3 +242,21 @@ def test_summary_table_leaves_out_huge_confusion_matrices():
     labels = [f"class{i}" for i in range(40)]
     table = summary_table(classification_metrics(list(range(40)), list(range(40)), labels))
     assert "left out: 40 classes" in table and table.count("class39") == 1
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_auc_and_log_loss_match_sklearn(seed):
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, 2, 60)
+    p1 = np.round(np.clip(truth * 0.3 + rng.random(60) * 0.7, 0, 1), 1)  # rounded: many ties
+    probs = np.stack([1 - p1, p1], axis=1)
+    found = probability_metrics(truth, probs)
+    assert found["auc"] == pytest.approx(sk.roc_auc_score(truth, p1))
+    assert found["log_loss"] == pytest.approx(sk.log_loss(truth, probs, labels=[0, 1]))
+
+
+def test_auc_by_hand_and_absent_for_one_class_or_many():
+    assert probability_metrics([0, 1, 1], [[0.9, 0.1], [0.2, 0.8], [0.9, 0.1]])["auc"] == pytest.approx(0.75)  # 1 tie of 2 pairs
+    assert "auc" not in probability_metrics([1, 1], [[0.2, 0.8], [0.4, 0.6]])
+    three = probability_metrics([0, 2], [[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]])
+    assert "auc" not in three and three["log_loss"] == pytest.approx(-(np.log(0.5) + np.log(0.8)) / 2)

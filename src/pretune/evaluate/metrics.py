@@ -111,6 +111,28 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], labels:
     }
 
 
+def probability_metrics(y_true: Sequence[int], probabilities: Any) -> dict:
+    """``log_loss`` = mean -log p(true class) (probabilities clipped to [1e-15, 1], as scikit-learn), and for two
+    classes ``auc``: the ROC AUC of class 1's probability, the chance that a random positive is scored above a
+    random negative (ties count one half; Mann-Whitney U / (n_pos n_neg)).  No AUC when a class is absent."""
+    true = np.asarray(y_true, dtype=int).reshape(-1)
+    probs = np.asarray(probabilities, dtype=float).reshape(len(true), -1)
+    out = {"log_loss": float(-np.log(np.clip(probs[np.arange(len(true)), true], 1e-15, 1.0)).mean())}
+    if probs.shape[1] == 2 and 0 < true.sum() < len(true):
+        score = probs[:, 1]
+        order = np.argsort(score, kind="mergesort")
+        ranks = np.empty(len(score))
+        sorted_scores = score[order]
+        starts = np.r_[0, np.flatnonzero(np.diff(sorted_scores)) + 1]
+        ends = np.r_[starts[1:], len(score)]
+        for start, end in zip(starts, ends):  # tied scores share their mean rank
+            ranks[order[start:end]] = (start + end + 1) / 2
+        positives = true == 1
+        n_pos, n_neg = positives.sum(), (~positives).sum()
+        out["auc"] = float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return out
+
+
 def multilabel_metrics(y_true: Any, y_pred: Any, labels: Sequence[str]) -> dict:
     """Multilabel classification on 0/1 indicator arrays of shape [N, K] (column k is ``labels[k]``).
 
