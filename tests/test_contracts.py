@@ -60,6 +60,16 @@ def folders(tmp_path_factory):
     decoder = transformers.GPT2Model(transformers.GPT2Config(vocab_size=40, n_embd=16, n_layer=2, n_head=2, n_positions=64,
                                                                 bos_token_id=2, eos_token_id=3))
     out = {"encoder": save_text_folder(root / "bert", encoder, False), "decoder": save_text_folder(root / "gpt2", decoder, True)}
+    log = root / "log.csv"  # 12 users, 4-9 events each over 15 items, a rating per event
+    g = torch.Generator().manual_seed(2)
+    log.write_text("user_id,item_id,rating,timestamp\n" + "".join(
+        f"u{u},m{int(torch.randint(15, (1,), generator=g))},{int(torch.randint(1, 6, (1,), generator=g))},{t}\n"
+        for u in range(12) for t in range(int(torch.randint(4, 10, (1,), generator=g)))))
+    out["log"] = log
+    recipe = load_recipe("recipes/interactions-masked.yaml", [f"data.file={log}", "data.max_length=8", "backbone.size=nano", *QUIET])
+    task, data, module = assemble(recipe)
+    task.save(module, root / "items", data)  # an item model folder to fine-tune
+    out["items"] = root / "items"
     texts = sentences(60, seed=1)
     tables = {
         "single": [(t, "animal" if ("cat" in t or "dog" in t) else "other") for t in texts],
@@ -85,6 +95,7 @@ def folders(tmp_path_factory):
 TEXT_PRETRAIN = ["data.max_documents=40", "data.block_size=16", "data.tokenizer.vocab_size=200", "backbone.size=nano"]
 IMAGES = ["data.size=8", "data.max_examples=64"]
 VECTORS = ["data.images=null", "data.size=null", "data.vectors=builtin:digits", "data.max_examples=64"]
+ITEMS = ["data.max_length=8", "backbone.size=nano"]
 
 
 def cases(folders):
@@ -108,14 +119,18 @@ def cases(folders):
         ("classify/builtin-mlp", "image-classify.yaml", VECTORS + [f"model={folders['mlp']}", "task.augment=null"]),
         ("classify-scratch/builtin-cnn", "image-supervised.yaml", IMAGES + ["backbone.size=tiny"]),
         ("classify/timm", "image-classify.yaml", ["data.size=32", "data.max_examples=32", "backbone=test_resnet"]),
+        ("mlm/items", "interactions-masked.yaml", [f"data.file={folders['log']}", *ITEMS]),
+        ("clm/items", "interactions-next.yaml", [f"data.file={folders['log']}", *ITEMS]),
+        ("two-tower/items", "interactions-two-tower.yaml", [f"data.file={folders['log']}", *ITEMS]),
+        ("regress/items-folder", "interactions-rate.yaml", [f"data.file={folders['log']}", f"model={folders['items']}", "data.max_length=8"]),
     ]
 
 
-CASE_IDS = [case[0] for case in cases({k: "x" for k in ("encoder", "decoder", "single", "cnn", "mlp")})]
+CASE_IDS = [case[0] for case in cases({k: "x" for k in ("encoder", "decoder", "single", "cnn", "mlp", "log", "items")})]
 
 
 def test_every_registered_task_has_a_contract_case():
-    covered = {case.split("/")[0].split("-")[0] for case in CASE_IDS}
+    covered = {name for case in CASE_IDS for name in (case.split("/")[0], case.split("/")[0].split("-")[0])}  # mlm-nsp is mlm
     assert set(TASKS.names()) - {"regress", "tag"} <= covered  # regress and tag: test_every_head_kind_on_every_modality
     assert set(BACKBONES.names()) - {"torchvision"} <= {case.split("/")[1].split("-")[0] for case in CASE_IDS}
 

@@ -5,6 +5,7 @@ from pathlib import Path
 from pretune.backbones.transformers import TransformerConfig
 from pretune.recipe import (DataConfig, GeneralTextConfig, Recipe, StrategyConfig, TaskSelectionConfig, TokenizerConfig, TrainerConfig,
                             VocabularyConfig, load_recipe)
+from pretune.data.interactions import InteractionsConfig
 from pretune.data.labelled import LabelledDataConfig
 from pretune.tasks.finetune import FinetuneConfig
 from pretune.tasks.mlm import MLMConfig
@@ -30,7 +31,7 @@ def test_every_recipe_key_is_documented():
                 (AugmentConfig, "task.augment."), (MonitorConfig, "task.monitor."),
                 (BuiltinConfig, "backbone."), (TimmConfig, "backbone."), (TorchVisionConfig, "backbone."), (StrategyConfig, "strategy."), (ArrayDataConfig, "data."),
                 (SimCSEConfig, "task."), (GeneralTextConfig, "data.general."), (VocabularyConfig, "data.vocabulary."),
-                (TaskSelectionConfig, "data.select.")]
+                (TaskSelectionConfig, "data.select."), (InteractionsConfig, "data.")]
     missing = [prefix + name for model, prefix in sections for name, field in model.model_fields.items()
                if not hasattr(field.annotation, "model_fields") and f"`{prefix}{name}`" not in DOC]
     assert not missing, f"document these recipe keys in docs/recipes.md: {missing}"

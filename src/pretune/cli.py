@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("evaluate", help="metrics of a fine-tuned model on a labelled file")
     evaluate.add_argument("model", help="a fine-tuned model folder (RUN_DIR/model)")
-    evaluate.add_argument("data", help="data=FILE: a labelled CSV / JSONL / Parquet file with the training columns")
+    evaluate.add_argument("data", help="data=FILE: a labelled CSV / JSONL / Parquet file with the training columns; for a model trained on an interaction log, a log (its test split is scored)")
     evaluate.add_argument("--out", help="write the metrics as JSON here (default: print only)")
     evaluate.add_argument("--trust-pickle", action="store_true", help=TRUST_HELP)
 
@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--column", help="text models: the column (.jsonl / .csv) holding the text (default: the one the "
                                           "model was trained on)")
     predict.add_argument("--batch-size", type=int, default=32, help="inputs per forward pass (default: %(default)s)")
+    predict.add_argument("--top-k", type=int, default=10, help="item models: how many next items to recommend per history (default: %(default)s)")
     predict.add_argument("--trust-pickle", action="store_true", help=TRUST_HELP)
 
     generate = sub.add_parser("generate", help="continue a prompt with a causal language model (a clm run's model/)",
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "predict":
             from pretune.predict import predict_file
 
-            count = predict_file(args.model, args.inputs, args.out, args.column, args.batch_size)
+            count = predict_file(args.model, args.inputs, args.out, args.column, args.batch_size, args.top_k)
             print(f"{count} predictions written to {args.out}")
         elif args.command == "export":
             _require("export", "onnx", "onnxscript", "onnxruntime")

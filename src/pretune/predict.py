@@ -30,13 +30,19 @@ from tqdm.auto import tqdm
 import pretune.backbones  # noqa: F401  (registers the backbone families)
 from pretune import heads
 from pretune.backbones.base import for_folder
+from pretune.backbones.items import is_items_folder
 from pretune.backbones.transformers import tokenize
 from pretune.data.arrays import encode_labels
 from pretune.data.images import BUILTIN_DIGITS, EXTENSIONS, list_images, load_digits, load_image_files
 from pretune.data.labelled import LabelledDataConfig, not_in_map, read_labelled
+from pretune.data.interactions import UNK, InteractionsConfig, build_interactions, item_ids
+from pretune.data.readers import TOKENIZED
 from pretune.data.vectors import read_vectors
 from pretune.errors import CheckpointError, DataError
 from pretune.onnx_engine import is_exported, load_onnx
+from pretune.tasks.mlm import mlm_head
+from pretune.tasks.recommend import next_item_scores, rank_queries
+from pretune.tasks.two_tower import ItemTower
 from pretune.safeload import check_model_folder, pickle_trusted
 
 
@@ -78,7 +84,7 @@ class Predictor:
             self.model, inputs = load_onnx(self.path, self.meta)
         else:
             family = for_folder(self.path)
-            self.modality = family.modality
+            self.modality = "text" if family.modality in TOKENIZED else family.modality  # item histories are text of item ids
             self.model, inputs = family.load_classifier(self.path, self.meta, self.device)
         if self.modality == "text":
             self.tokenizer = inputs
@@ -267,12 +273,65 @@ class Generator:
         return out[0] if isinstance(prompt, str) else out
 
 
-def load(path: str | Path, device: str | None = None) -> Predictor | Generator:
+class Recommender:
+    """A sequential recommender (a pretune ``mlm`` / ``clm`` run on an interaction log):
+    ``recommend(histories, top_k)`` ranks every item as the next one of each history.
+
+    A history is a list of item ids (or one string of space-separated ids), oldest first; items the model
+    never saw in training are read as ``[UNK]``.  Items already in the history are not recommended unless
+    ``exclude_seen=False``."""
+
+    def __init__(self, path: str | Path, device: str | None = None):
+        self.path = Path(path)
+        check_model_folder(self.path)
+        self.meta, _ = read_meta(self.path)
+        self.device = _device(device)
+        task = self.meta.get("task")
+        self.family = {"clm": "decoder", "two-tower": "tower"}.get(task, "encoder")
+        auto = {"decoder": transformers.AutoModelForCausalLM, "tower": transformers.AutoModel}.get(self.family, transformers.AutoModelForMaskedLM)
+        try:
+            self.model = auto.from_pretrained(str(self.path), use_safetensors=None if pickle_trusted() else True).to(self.device).eval()
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(self.path))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{self.path}: cannot load as an item model ({' '.join(str(exc).split())[:200]})") from None
+        self.head = {"decoder": lambda: self.model.get_output_embeddings(), "encoder": lambda: mlm_head(self.model),
+                     "tower": lambda: ItemTower(self.model.get_input_embeddings(), self.meta["temperature"])}[self.family]()
+        self.max_length = int(self.meta["interactions"]["max_length"])
+
+    def ids(self, histories: list) -> list[list[int]]:
+        rows = [h.split() if isinstance(h, str) else [str(item) for item in h] for h in histories]
+        return [item_ids(self.tokenizer, row) for row in rows]
+
+    def recommend(self, histories: list, top_k: int = 10, exclude_seen: bool = True, batch_size: int = 256) -> list[dict[str, Any]]:
+        """The ``top_k`` next items of each history with their scores (the model's logits), best first."""
+        if isinstance(histories, str) or (histories and all(not isinstance(h, (list, tuple, str)) for h in histories)):
+            raise DataError("recommend takes a list of histories, each a list of item ids or a string of space-separated ids")
+        scores = next_item_scores(self.model.base_model, self.head, self.ids(histories), family=self.family,
+                                  max_length=self.max_length, exclude_seen=exclude_seen, batch_size=batch_size, device=self.device)
+        k = min(top_k, int(torch.isfinite(scores).sum(1).min())) if len(scores) else 0
+        best = scores.topk(k, dim=1) if k else None
+        return [{"items": self.tokenizer.convert_ids_to_tokens(best.indices[row].tolist()) if best is not None else [],
+                 "scores": [round(float(v), 4) for v in best.values[row]] if best is not None else []}
+                for row in range(len(histories))]
+
+    def evaluate(self, cfg: InteractionsConfig) -> dict[str, float]:
+        """HR@K, NDCG@K and MRR over all items on the test split of the log ``cfg.file`` (read as in training)."""
+        data = build_interactions(cfg, "corpus", family="decoder" if self.family == "decoder" else "encoder", tokenizer=self.tokenizer)
+        test = data.ranking["test"]
+        scores = rank_queries(self.model.base_model, self.head, test.histories, test.targets, family=self.family,
+                              max_length=self.max_length, device=self.device)
+        return {**scores, "queries": len(test), "cold_targets": sum(t == UNK for t in test.targets), "cold_users": test.cold_users}
+
+
+def load(path: str | Path, device: str | None = None) -> Predictor | Generator | Recommender:
     """A fine-tuned model ready to predict: ``pretune.load("runs/clf/model").predict(["great film"])``;
-    a causal language model gives a :class:`Generator` (``.generate("def main(")``)."""
+    a causal language model gives a :class:`Generator` (``.generate("def main(")``), a model pretrained on
+    an interaction log a :class:`Recommender` (``.recommend([["i1", "i7"]], top_k=10)``)."""
     path = Path(path)
     meta_file = path / "pretune.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    if meta.get("modality") == "interactions" and "kind" not in meta:
+        return Recommender(path, device)
     if meta.get("task") == "clm" or (not meta and (path / "config.json").is_file() and _is_decoder(path)):
         return Generator(path, device)
     return Predictor(path, device)
@@ -319,13 +378,19 @@ def read_inputs(path: str, column: str | None = None) -> tuple[list, list[dict]]
     return [row[column] for row in rows], rows
 
 
-def predict_file(model_dir: str, inputs: str, out: str, column: str | None = None, batch_size: int = 32) -> int:
+def predict_file(model_dir: str, inputs: str, out: str, column: str | None = None, batch_size: int = 32, top_k: int = 10) -> int:
     """Predictions for a file: texts (.txt / .jsonl / .csv), or images (a file or folder) / vectors.  The
     output format follows ``out``'s extension for every modality: .csv / .tsv (flat: one probability
-    column per class), else JSON lines."""
+    column per class), else JSON lines.  An item model reads histories (column ``history``: a list of item
+    ids or a string of space-separated ids; a .txt file: one history per line) and writes its ``top_k`` items."""
     predictor = load(model_dir)
     if isinstance(predictor, Generator):
         raise DataError(f"{model_dir}: a causal language model generates text; use pretune generate {model_dir} --prompt ...")
+    if isinstance(predictor, Recommender):
+        histories, rows = read_inputs(inputs, column or "history")
+        results = predictor.recommend(histories, top_k=top_k, batch_size=batch_size)
+        write_predictions(out, [{**row, **result} for row, result in zip(rows, results)], [])
+        return len(results)
     if predictor.modality == "text":
         texts, rows = read_inputs(inputs, column or predictor.meta.get("text"))
         pair_column = predictor.meta.get("text_pair")
@@ -372,6 +437,11 @@ def evaluate_file(model_dir: str, data_file: str, out: str | None = None, batch_
     ``label`` names the label column of a vector file, ``bad_files`` as ``data.bad_files``.
     ``predictions_out``: a single-label classifier also writes each example's true and predicted class
     ids there, in file order (studies resample test examples with them: :mod:`pretune.studies.stats`)."""
+    if is_items_folder(model_dir):  # an interaction log, split as in training: its test split is scored
+        scores = evaluate_interactions(model_dir, data_file, batch_size)
+        if out:
+            Path(out).write_text(json.dumps(scores, indent=2))
+        return scores
     predictor = load(model_dir)
     if isinstance(predictor, Generator):
         raise DataError(f"{model_dir}: a causal language model has no labels to evaluate; see the perplexity in its run's metrics")
@@ -383,6 +453,22 @@ def evaluate_file(model_dir: str, data_file: str, out: str | None = None, batch_
     if out:
         Path(out).write_text(json.dumps(scores, indent=2))
     return scores
+
+
+def evaluate_interactions(model_dir: str, log_file: str, batch_size: int = 32) -> dict[str, Any]:
+    """The test split of an interaction log, read with the columns, length and split the model was trained with:
+    next-item ranking for a pretrained item model, the head's metrics (RMSE, MAE / accuracy, F1...) for a fine-tuned one."""
+    meta, _ = read_meta(Path(model_dir))
+    options = {**meta["interactions"], "file": log_file}
+    predictor = load(model_dir)
+    if isinstance(predictor, Recommender):
+        return predictor.evaluate(InteractionsConfig(**options))
+    data = build_interactions(InteractionsConfig(**options), "labelled", tokenizer=predictor.tokenizer, head=predictor.head,
+                              label_names=predictor.labels)
+    if data.test is None:
+        raise DataError(f"{log_file}: no user has a test event ({options.get('split', 'leave-last-out')} split)")
+    examples = Examples(list(data.test["history"]), list(data.test["item"]), list(data.test["labels"]))
+    return score_examples(predictor, examples, batch_size)
 
 
 @dataclass

@@ -79,7 +79,7 @@ def compose(recipe: Recipe) -> Plan:
     task = build_task(recipe)
     backbone = resolve(recipe.backbone)
     if backbone.modality not in task.modalities:
-        what = {"text": "text", "array": "images or vectors"}
+        what = {"text": "text", "array": "images or vectors", "interactions": "interaction logs"}
         raise RecipeError(f"recipe key 'backbone': {backbone.name} models read {what[backbone.modality]}, but task "
                           f"{task.cfg.name!r} needs {' or '.join(what[m] for m in task.modalities)}")
     data_cfg = recipe.section("data", readers.config_class(backbone.modality, task.data_kind))
@@ -136,7 +136,7 @@ def _train(plan: Plan, recipe: Recipe, resume: bool, overwrite: bool, on_eval: A
         sets = {"": "domain (validation)", **{f"{name}_": f"{name} (data.{name}, held out)" for name in data.held_out}}
         report = before_after(run_dir, sets, baseline=task.warmup_steps)
         (run_dir / "forgetting.json").write_text(json.dumps({"baseline_step": task.warmup_steps, **report}, indent=2))
-    test_file = getattr(plan.data, "test", None)
+    test_file = getattr(plan.data, "test", None) or (plan.data.file if plan.backbone.modality == "interactions" else None)
     if test_file and world.main:  # the held-out test set, scored once with the final (best) model
         metrics = {**metrics, **{f"test_{k}": v for k, v in score_test(run_dir, test_file, plan, quiet=quiet).items()}}
     if world.main and (run_dir / "model").is_dir():
@@ -155,14 +155,14 @@ def read_data(plan: Plan, recipe: Recipe, run_dir: Path, resume_from: Path | Non
 
     if world.main:
         source = (str(saved) if saved.is_dir() else str(resume_from / "model")) if resume_from is not None else backbone.path
-        data = read(source if backbone.modality == "text" else None, _label_map(saved) if resume_from is not None else None,
+        data = read(source if backbone.modality in readers.TOKENIZED else None, _label_map(saved) if resume_from is not None else None,
                     fresh=resume_from is None)
         if data.extra.get("vocabulary"):
             (run_dir / "vocabulary.json").write_text(json.dumps(data.extra["vocabulary"], indent=2, ensure_ascii=False))
         if resume_from is None and task.data_kind == "labelled":
             model_labels = _label_map(Path(backbone.path)) if backbone.path else None
             if model_labels and model_labels != data.label_names and set(data.label_names) <= set(model_labels):
-                data = read(source if backbone.modality == "text" else None, model_labels)  # keep the model's label order
+                data = read(source if backbone.modality in readers.TOKENIZED else None, model_labels)  # keep the model's label order
         if data.tokenizer is not None:
             data.tokenizer.save_pretrained(saved)
         if data.label_names is not None:
@@ -171,7 +171,7 @@ def read_data(plan: Plan, recipe: Recipe, run_dir: Path, resume_from: Path | Non
                                                        "label_names": data.label_names}))
     distributed.barrier(world, "rank 0's data and tokenizer", timeout_s=DATA_TIMEOUT_S)  # reading may train a tokenizer
     if not world.main:
-        data = read(str(saved) if backbone.modality == "text" else None, _label_map(saved), fresh=False)
+        data = read(str(saved) if backbone.modality in readers.TOKENIZED else None, _label_map(saved), fresh=False)
     return data
 
 
@@ -182,7 +182,7 @@ def assemble(recipe: Recipe) -> tuple[Task, RunData, torch.nn.Module]:
     if getattr(plan.data, "select", None) is not None:  # kNN-TAPT writes its selection into a run directory
         raise RecipeError("recipe key 'data.select': task-adaptive selection needs a run directory; use pretune.train "
                           "(or pretune adapt), or give the selected documents as data.files")
-    data = data_reader(plan, recipe)(plan.backbone.path if plan.backbone.modality == "text" else None, None)
+    data = data_reader(plan, recipe)(plan.backbone.path if plan.backbone.modality in readers.TOKENIZED else None, None)
     torch.manual_seed(recipe.seed)
     return plan.task, data, plan.task.build(plan.backbone, data)
 
@@ -231,7 +231,7 @@ def score_test(run_dir: Path, test_file: str, plan: Plan | None = None, quiet: b
 
     meta_file = run_dir / "model" / LABEL_MAP
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    if "kind" not in meta:
+    if "kind" not in meta and meta.get("modality") != "interactions":  # an item model ranks the log's test targets
         print(f"pretune: note: data.test is not scored: a {meta.get('task', 'pretraining')} model has no task head", file=sys.stderr)
         return {}
     options = {}

@@ -1,5 +1,6 @@
 """Backbones: what maps inputs to features, one file per family (see ``base.py`` for the interface).
 
+- ``items`` (``items.py``): BERT4Rec / SASRec-shaped transformers over item ids (interaction logs);
 - ``hf`` (``transformers.py``): BERT, GPT-2, Llama presets, any local Hugging Face folder (text);
 - ``builtin`` (``builtin.py``): a small CNN for images and an MLP for vectors;
 - ``timm`` (``timm.py``): any timm image model by name (optional extra);
@@ -11,7 +12,7 @@ A recipe's ``backbone:`` section names its family with ``family:``, or the first
 
 from __future__ import annotations
 
-from pretune.backbones import builtin, timm, torchvision, transformers  # noqa: F401  (each file registers its family)
+from pretune.backbones import builtin, items, timm, torchvision, transformers  # noqa: F401  (each file registers its family)
 from pretune.backbones.base import BACKBONES, ORDER, Backbone, Classifier, for_folder, resolve
 
 __all__ = ["BACKBONES", "Backbone", "Classifier", "ORDER", "for_folder", "resolve"]

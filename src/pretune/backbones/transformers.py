@@ -35,6 +35,7 @@ from pretune.safeload import check_model_folder, pickle_trusted
 # Layers, hidden size, heads.  Feed-forward width is 4x hidden, as in BERT and GPT-2.
 SIZES: dict[str, tuple[int, int, int]] = {
     "nano": (1, 32, 2),  # for smoke tests: trains in seconds, learns little
+    "rec": (2, 64, 2),  # BERT4Rec's and SASRec's MovieLens shape (item sequences: backbones/items.py)
     "tiny": (2, 128, 2),
     "mini": (4, 256, 4),
     "small": (4, 512, 8),
@@ -46,7 +47,7 @@ FAMILIES: dict[str, str] = {"bert": "encoder", "gpt2": "decoder", "llama": "deco
 
 class TransformerConfig(Section):
     name: str = "bert"  # bert | gpt2 | llama (fresh), or "hf" with a path
-    size: Literal["nano", "tiny", "mini", "small", "base"] = "tiny"
+    size: Literal["nano", "rec", "tiny", "mini", "small", "base"] = "tiny"
     path: str | None = None  # local Hugging Face checkpoint folder to start from
     pretrained: bool = True  # false: the architecture of `path`, randomly initialised (the from-scratch baseline)
     config: dict[str, Any] = {}  # extra Hugging Face config fields, e.g. {hidden_dropout_prob: 0.0}

@@ -72,15 +72,16 @@ class LabelledData:
 
 def read_table(path: str, columns: list[str]) -> datasets.Dataset:
     """The given columns of a CSV/TSV, JSONL/JSON or Parquet file or a save_to_disk folder."""
-    table = _read_columns(path, columns)
+    table = read_columns(path, columns)
     try:
         return datasets.Dataset.from_dict(table)
     except Exception as exc:  # e.g. numbers and strings mixed in one JSON column
         raise DataError(f"{path}: cannot build a table from its columns: {exc}") from None
 
 
-def _read_columns(path: str, columns: list[str]) -> dict[str, list]:
-    file, suffix = Path(path), Path(path).suffix.lower()
+def read_columns(path: str, columns: list[str], fmt: str | None = None) -> dict[str, list]:
+    """The given columns of a table file as lists; ``fmt`` (csv, tsv, jsonl, parquet) overrides the suffix."""
+    file, suffix = Path(path), ("." + fmt if fmt else Path(path).suffix.lower())
     if not file.exists():
         raise DataError(f"data file {path!r} does not exist")
     if file.is_dir():
@@ -178,7 +179,7 @@ def _decode(feature: Any, values: list) -> list:
 def _parse(path: str, cfg: LabelledDataConfig, head: Head) -> tuple[dict[str, list], list]:
     """Texts and labels of one file; labels before ids: keys, lists of keys or float targets."""
     text_columns = [cfg.text] + ([cfg.text_pair] if cfg.text_pair else [])
-    table = _read_columns(path, text_columns + [cfg.label])
+    table = read_columns(path, text_columns + [cfg.label])
     texts = {}
     for column in text_columns:
         texts[column] = [words(value) if head.per_token else value for value in table[column]]

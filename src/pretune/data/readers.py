@@ -4,6 +4,8 @@
     text      corpus      files -> tokenizer -> packed blocks      recipe.DataConfig
     text      labelled    a labelled table + the model's tokenizer labelled.LabelledDataConfig
     array     either      images / vectors (+ labels when present) arrays.ArrayDataConfig
+    interactions either   an interaction log -> item sequences,    interactions.InteractionsConfig
+                          or (history, item) -> target pairs
 
 The backbone family gives the modality; the task says whether it reads a corpus or labelled
 data (and, for text corpora, the tokenizer family and whether it wants sentence pairs).
@@ -19,6 +21,7 @@ import transformers
 from pydantic import BaseModel
 
 from pretune.data.arrays import ArrayData, ArrayDataConfig, build_array_data
+from pretune.data.interactions import InteractionsConfig, build_interactions
 from pretune.data.labelled import LabelledDataConfig, build_labelled
 from pretune.data.text import build_text_data
 from pretune.errors import DataError, RecipeError
@@ -46,10 +49,15 @@ class RunData:
     replay: tuple[int, float] | None = None  # the last N rows of train are general text, this share of every batch
 
 
+TOKENIZED = ("text", "interactions")  # modalities whose models carry a tokenizer (for interactions: the item vocabulary)
+
+
 def config_class(modality: str, data_kind: str) -> type[BaseModel]:
     """The class that validates the ``data:`` section for this modality and kind of data."""
     if modality == "array":
         return ArrayDataConfig
+    if modality == "interactions":
+        return InteractionsConfig
     return LabelledDataConfig if data_kind == "labelled" else DataConfig
 
 
@@ -70,6 +78,8 @@ def read(modality: str, data_kind: str, cfg: Any, *, seed: int, tokenizer_path: 
             source = cfg.images or cfg.vectors
             raise DataError(f"{source}: classification needs labels (one sub-folder per class, or a '{cfg.label}' column)")
         return RunData(arrays.train, arrays.validation, arrays.test, arrays.label_names, arrays=arrays, meta=meta)
+    if modality == "interactions":
+        return read_interactions(data_kind, cfg, tokenizer_path=tokenizer_path, label_names=label_names, head=head, family=text_family)
     if data_kind == "corpus":
         if tokenizer_path:  # resuming or continuing: reuse the saved tokenizer
             cfg = cfg.model_copy(update={"tokenizer": cfg.tokenizer.model_copy(update={"path": tokenizer_path})})
@@ -85,6 +95,21 @@ def read(modality: str, data_kind: str, cfg: Any, *, seed: int, tokenizer_path: 
     meta = {"modality": "text", "text": cfg.text, "text_pair": cfg.text_pair, "label": cfg.label, "max_length": cfg.max_length}
     return RunData(labelled.train, labelled.validation, labelled.test, labelled.label_names, tokenizer=load_tokenizer(tokenizer_path),
                    text=cfg.text, text_pair=cfg.text_pair, max_length=cfg.max_length, meta=meta)
+
+
+def read_interactions(data_kind: str, cfg: InteractionsConfig, *, tokenizer_path: str | None,
+                      label_names: list[str] | None, head: Head | None, family: str) -> RunData:
+    """Item sequences (pretraining) or ``(history, item) -> target`` pairs (fine-tuning) of an interaction log;
+    the next-item queries of validation and test ride along in ``extra["ranking"]``."""
+    tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
+    data = build_interactions(cfg, data_kind, family=family, tokenizer=tokenizer, head=head, label_names=label_names)
+    read_as = ("file", "format", "user", "item", "time", "target", "max_length", "split", "time_split")  # evaluate reads logs alike
+    meta = {"modality": "interactions", "interactions": {key: getattr(cfg, key) for key in read_as}}
+    if data_kind == "labelled":
+        meta.update(text="history", text_pair="item", label=cfg.target, max_length=cfg.max_length + 3)
+    return RunData(data.train, data.validation, data.test, data.label_names, tokenizer=data.tokenizer, text="history",
+                   text_pair="item", max_length=cfg.max_length + 3, meta=meta,
+                   extra={"ranking": data.ranking, "interactions": data.stats})
 
 
 def load_tokenizer(path: str | None) -> Any:

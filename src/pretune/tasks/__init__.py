@@ -5,4 +5,4 @@ Pretraining objectives: ``mlm`` (+ NSP), ``clm``, ``simcse`` on text; ``simclr``
 (:mod:`pretune.tasks.finetune` with the head kinds of :mod:`pretune.heads`).
 """
 
-from pretune.tasks import autoencoder, clm, contrastive, finetune, gan, mlm, simcse  # noqa: F401  (registers the tasks)
+from pretune.tasks import autoencoder, clm, contrastive, finetune, gan, mlm, simcse, two_tower  # noqa: F401  (registers the tasks)

@@ -6,6 +6,9 @@ ones before it.  On a packed block ``x_1..x_T`` (documents joined by ``<eos>``):
     L_CLM = - sum_{t=1}^{T-1} log p(x_{t+1} | x_1..x_t)
 
 Validation reports the mean token loss and the perplexity ``exp(L_CLM / (T-1))``.
+
+Rows that carry an ``attention_mask`` (item histories: one user per row, right-padded) are not
+packed: padding is masked out of attention and no loss is taken where the target is padding.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pretune.data.readers import RunData
 from pretune.errors import RecipeError
 from pretune.recipe import Section
 from pretune.registry import TASKS
+from pretune.heads import IGNORE
 from pretune.tasks.common import ContinuedLM, DownstreamConfig, downstream_probe, save_hf, stack_rows
 from pretune.trainer.flops import transformer_training_flops
 from pretune.trainer.linear_ce import linear_cross_entropy
@@ -47,13 +51,15 @@ class CausalLM(nn.Module):
         self.head = model.get_output_embeddings()
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        input_ids = batch["input_ids"]
-        hidden = self.model.base_model(input_ids=input_ids[:, :-1]).last_hidden_state.flatten(0, 1)
-        targets = input_ids[:, 1:].flatten()
+        input_ids, mask = batch["input_ids"], batch.get("attention_mask")
+        hidden = self.model.base_model(input_ids=input_ids[:, :-1],
+                                       attention_mask=None if mask is None else mask[:, :-1]).last_hidden_state.flatten(0, 1)
+        targets = input_ids[:, 1:] if mask is None else input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE)
+        targets = targets.flatten()
         if self.training and type(self.head) is nn.Linear:  # chunked: never the [tokens, vocab] fp32 logits
             return {"clm": linear_cross_entropy(hidden, self.head.weight, self.head.bias, targets)}
         logits = self.head(hidden).float()
-        out = {"clm": F.cross_entropy(logits, targets, reduction="sum")}
+        out = {"clm": F.cross_entropy(logits, targets, reduction="sum", ignore_index=IGNORE)}
         if not self.training:  # next-token accuracy for validation only: an argmax over the whole vocabulary
             out["clm_correct"] = (logits.argmax(-1) == targets).sum()  # at every position costs ~1.5% of a step
         return out
@@ -67,10 +73,11 @@ class CausalLMTask(ContinuedLM):
     perplexity = ("clm",)
 
     def build(self, backbone: HF, data: RunData) -> CausalLM:
-        if not backbone.path and backbone.cfg.name == "bert":
-            raise RecipeError("recipe key 'backbone.name': causal LM needs a decoder (gpt2 or llama), not bert")
+        if not backbone.path and backbone.text_family == "encoder":
+            raise RecipeError(f"recipe key 'backbone.name': causal LM needs a decoder (gpt2, llama or sasrec), not {backbone.cfg.name}")
         model = CausalLM(backbone.model(AutoModelForCausalLM, data))
         self.continue_from(backbone)
+        self.watch_ranking(data)
         return model
 
     def collate(self, rows: dict[str, list], seeds: list[int]) -> dict[str, torch.Tensor]:
@@ -78,7 +85,8 @@ class CausalLMTask(ContinuedLM):
 
     def units(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         batch_size, length = batch["input_ids"].shape
-        tokens = torch.tensor(batch_size * (length - 1))
+        mask = batch.get("attention_mask")
+        tokens = torch.tensor(batch_size * (length - 1)) if mask is None else mask[:, 1:].sum()
         return {"clm": tokens, "clm_correct": tokens}
 
     def tokens(self, batch: dict[str, torch.Tensor]) -> int:
@@ -94,4 +102,4 @@ class CausalLMTask(ContinuedLM):
         return downstream_probe(self, module, data, device)
 
     def save(self, module: CausalLM, path: Path, data: RunData) -> None:
-        save_hf(module.model, data.tokenizer, path, {"task": "clm", "family": self.family}, self.start)
+        save_hf(module.model, data.tokenizer, path, {**data.meta, "task": "clm", "family": self.family}, self.start)

@@ -14,6 +14,7 @@ from pretune.backbones.start import Start, save_continued
 from pretune.errors import DataError
 from pretune.recipe import Section
 from pretune.tasks.base import Task
+from pretune.tasks.recommend import RANKING_K, rank_queries
 
 
 
@@ -97,12 +98,18 @@ def mean_pooled(base: Any, tokenizer: Any, texts: list[str], device: torch.devic
 
 
 def downstream_probe(task: Any, module: Any, data: Any, device: torch.device) -> dict[str, float]:
-    """A text pretraining task's ``probe``: the k-NN monitor when ``task.monitor`` names a labelled set."""
+    """A text pretraining task's ``probe``: the k-NN monitor when ``task.monitor`` names a labelled set, and
+    next-item ranking (HR@K, NDCG@K, MRR over all items) when the data is an interaction log."""
+    queries = data.extra.get("ranking", {}).get("validation")
+    out = {}
+    if queries:
+        out.update(rank_queries(module.model.base_model, module.head, queries.histories, queries.targets, family=task.family,
+                                max_length=data.meta["interactions"]["max_length"], device=device))
     if task.cfg.monitor is None:
-        return {}
+        return out
     if getattr(task, "downstream", None) is None:
         task.downstream = Downstream(task.cfg.monitor, task.seed)
-    return task.downstream(module.model, data.tokenizer, device)
+    return {**out, **task.downstream(module.model, data.tokenizer, device)}
 
 
 def warm_head(task: Any, module: Any, step: int) -> str | None:
@@ -143,7 +150,16 @@ def warmup_steps(cfg: Any, start: Any) -> int:
 
 class ContinuedLM(Task):
     """Base of the language-modelling tasks (MLM, CLM) that may continue a checkpoint: after ``build`` calls
-    :meth:`continue_from`, a new head warms up alone (``on_step``) at its own rate (``lr_scales``)."""
+    :meth:`continue_from`, a new head warms up alone (``on_step``) at its own rate (``lr_scales``).  They also
+    model item sequences (modality ``interactions``: BERT4Rec's masked items, SASRec's next item)."""
+
+    modalities = ("text", "interactions")
+
+    def watch_ranking(self, data: Any) -> None:
+        """On an interaction log, validation ranks each user's next item, and the best checkpoint is the one
+        with the highest NDCG@10 (the papers' model selection)."""
+        if data.extra.get("ranking", {}).get("validation"):
+            self.monitor = (f"ndcg@{RANKING_K}", "max")
 
     def continue_from(self, backbone: Any) -> None:
         """Record what the backbone's checkpoint lacked and keeps (``backbone.start``) and the head warm-up it needs."""

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from pretune import heads, strategies
 from pretune.backbones.base import Backbone, Classifier
 from pretune.data.augment import AugmentConfig
-from pretune.data.readers import RunData
+from pretune.data.readers import TOKENIZED, RunData
 from pretune.errors import RecipeError
 from pretune.heads import Head
 from pretune.recipe import Section, StrategyConfig
@@ -101,7 +101,7 @@ class FineTuneModel(nn.Module):
 class Finetune(Task):
     Config = FinetuneConfig
     data_kind = "labelled"
-    modalities = ("text", "array")
+    modalities = ("text", "array", "interactions")
     wants_logits = True
 
     def __init__(self, cfg: FinetuneConfig, seed: int = 0, strategy: StrategyConfig = StrategyConfig(), head_lr_scale: float = 1.0,
@@ -126,11 +126,12 @@ class Finetune(Task):
     # -- model --------------------------------------------------------------------------------------
     def build(self, backbone: Backbone, data: RunData) -> FineTuneModel:
         self.backbone, self.data = backbone, data
-        self.unit = "tok" if backbone.modality == "text" else "ex"
-        if backbone.modality == "text" and (self.cfg.augment is not None or self.cfg.head_dropout):
+        tokenized = backbone.modality in TOKENIZED  # text, and item histories (sentences whose words are items)
+        self.unit = "tok" if tokenized else "ex"
+        if tokenized and (self.cfg.augment is not None or self.cfg.head_dropout):
             raise RecipeError("recipe key 'task.augment' / 'task.head_dropout': apply to images and vectors; "
                               "text heads use the model's own dropout (backbone.config)")
-        if self.cfg.pooling != "auto" and (backbone.modality != "text" or self.head.per_token):
+        if self.cfg.pooling != "auto" and (not tokenized or self.head.per_token):
             raise RecipeError("recipe key 'task.pooling': applies to text classification and regression; "
                               "tagging reads every token, and images and vectors use their network's own pooling")
         if self.strategy.name != "full" and not backbone.pretrained:
@@ -141,11 +142,11 @@ class Finetune(Task):
             data.label_names = names + [f"I-{n[2:]}" for n in names if n.startswith("B-") and f"I-{n[2:]}" not in names]
             data.all_subwords = True
         self.label_names = data.label_names
-        if self.setfit and (backbone.modality != "text" or self.head.name != "single"):
+        if self.setfit and (not tokenized or self.head.name != "single"):
             raise RecipeError("recipe key 'strategy': setfit fine-tunes a text encoder for single-label classification "
                               f"(task: classify); this run is {backbone.modality} {self.head.name}")
         text = ({"pooling": self.cfg.pooling, "linear": self.fits_probe or self.setfit, "sentence": self.setfit}
-                if backbone.modality == "text" else {})
+                if tokenized else {})
         model = backbone.classifier(self.head, self.label_names, data, dropout=self.cfg.head_dropout, augment=self.cfg.augment, **text)
         strategies.prepare(self.strategy, model)
         self.class_weights = self._class_weights(data)

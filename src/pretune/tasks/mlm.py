@@ -171,6 +171,7 @@ class MaskedLMTask(ContinuedLM):
         self._prepare(data.tokenizer)
         model = MaskedLM(backbone.model(BertForPreTraining if self.cfg.nsp else AutoModelForMaskedLM, data), nsp=self.cfg.nsp)
         self.continue_from(backbone)
+        self.watch_ranking(data)
         return model
 
     def collate(self, rows: dict[str, list], seeds: list[int]) -> dict[str, torch.Tensor]:
@@ -208,4 +209,4 @@ class MaskedLMTask(ContinuedLM):
         return downstream_probe(self, module, data, device)
 
     def save(self, module: MaskedLM, path: Path, data: RunData) -> None:
-        save_hf(module.model, data.tokenizer, path, {"task": "mlm", "family": self.family, "nsp": self.cfg.nsp}, self.start)
+        save_hf(module.model, data.tokenizer, path, {**data.meta, "task": "mlm", "family": self.family, "nsp": self.cfg.nsp}, self.start)
