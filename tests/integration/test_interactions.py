@@ -114,6 +114,18 @@ def test_a_missing_target_column_is_one_line(bert4rec, log, tmp_path):
     assert done.returncode != 0 and "has no column 'stars'" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_a_text_model_is_refused_as_an_item_model_in_one_line(sasrec, tmp_path):
+    from pretune.errors import RecipeError
+    from pretune.recipe import load_recipe
+    from pretune.run import compose
+
+    text_model = tmp_path / "text"
+    text_model.mkdir()
+    (text_model / "config.json").write_text((sasrec / "model" / "config.json").read_text())  # a plain HF folder: no pretune.json
+    with pytest.raises(RecipeError, match="is not an item model"):
+        compose(load_recipe("recipes/interactions-rate.yaml", [f"model={text_model}"]))
+
+
 def test_ddp_two_processes_equal_one_on_item_sequences(log, tmp_path):
     common = [f"data.file={log}", *QUICK, "trainer.max_steps=4", "trainer.lr=2e-3", "trainer.eval_every=100",
               "backbone.config.resid_pdrop=0.0", "backbone.config.embd_pdrop=0.0", "backbone.config.attn_pdrop=0.0"]

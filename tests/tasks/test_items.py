@@ -138,4 +138,9 @@ def test_two_tower_loss_is_infonce_with_in_batch_negatives_and_trains_both_tower
     assert model.model.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0  # the user tower
     assert embeddings[12:].abs().sum() == 0  # items in no row get no gradient
     scores = model.head(users)
-    torch.testing.assert_close(scores[:, [7, 8, 11]], logits)  # retrieval scores are the training similarities
+    torch.testing.assert_close(scores[:, [7, 8, 11]], logits)  # retrieval scores are the plain similarities
+    model.zero_grad()
+    model.log_q[[7, 8, 11]] = torch.log(torch.tensor([0.5, 0.1, 0.4]))  # Yi et al. 2019: s_ij - log q_j in training only
+    corrected = model(batch)["contrastive"]
+    torch.testing.assert_close(corrected, F.cross_entropy(logits - model.log_q[[7, 8, 11]], torch.arange(3), reduction="sum"))
+    torch.testing.assert_close(model.head(users)[:, [7, 8, 11]], logits)

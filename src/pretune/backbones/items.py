@@ -22,6 +22,7 @@ from transformers import PreTrainedModel
 
 from pretune.backbones.base import BACKBONES
 from pretune.backbones.transformers import HF, TransformerConfig, family_of
+from pretune.errors import RecipeError
 
 ARCHITECTURES = {"bert4rec": "bert", "sasrec": "gpt2"}
 
@@ -53,6 +54,12 @@ class Items(HF):
         if section.get("path"):
             return is_items_folder(section["path"])
         return section.get("name") in ARCHITECTURES
+
+    def __init__(self, cfg: ItemsConfig):
+        super().__init__(cfg)
+        if cfg.path and (Path(cfg.path) / "config.json").is_file() and not is_items_folder(cfg.path):
+            raise RecipeError(f"recipe key 'backbone.path': {cfg.path} is not an item model (its pretune.json has no "
+                              "'interactions' key); pretrain one on the log first (recipes/interactions-masked.yaml)")
 
     @property
     def text_family(self) -> str:

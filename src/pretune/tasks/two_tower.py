@@ -4,11 +4,12 @@ The **user tower** is a transformer encoder over the user's history (``[CLS] ite
 ``[CLS]`` state); the **item tower** is the encoder's item embedding table, so the two share one
 vocabulary and a model folder stays an ordinary Hugging Face ``AutoModel`` folder.  Each training row
 is cut at a point drawn from its own seed: the items before the cut are the history, the item at the
-cut is the positive.  The loss is the InfoNCE of :func:`pretune.tasks.contrastive.info_nce` (the
-SimCLR / SimCSE loss, Yi et al. 2019 for recommendation), every other row's positive item in the
-(global, under DDP) batch being a negative:
+cut is the positive.  The loss is InfoNCE (the SimCLR / SimCSE loss), every other row's positive item
+in the (global, under DDP) batch being a negative, with Yi et al.'s (RecSys 2019) sampling-bias
+correction: in-batch negatives are drawn by popularity, so without it the towers learn to push popular
+items down, and a full ranking suffers.  With ``q_j`` the share of training events on item j:
 
-    L = - sum_i log( exp(cos(u_i, v_i) / t) / sum_j exp(cos(u_i, v_j) / t) )
+    L = - sum_i log( exp(s_ii) / sum_j exp(s_ij) ),   s_ij = cos(u_i, v_j) / t - log q_j
 
 A row whose positive is also another row's positive sees it as a negative once (the usual in-batch
 false negative; with thousands of items and batches of 64 it is rare).  Retrieval scores every item
@@ -21,20 +22,21 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 from transformers import AutoModel
 
 from pretune.backbones.transformers import HF
-from pretune.data.interactions import PAD, SEP
+from pretune.data.interactions import PAD, SEP, SPECIALS
 from pretune.data.readers import RunData
 from pretune.errors import RecipeError
 from pretune.recipe import Section
 from pretune.registry import TASKS
 from pretune.tasks.base import Task
 from pretune.tasks.common import save_hf, stack_rows
-from pretune.tasks.contrastive import info_nce
+from pretune.tasks.contrastive import _gather
 from pretune.tasks.recommend import RANKING_K, rank_queries
 from pretune.trainer.flops import transformer_training_flops
 
@@ -56,20 +58,35 @@ class ItemTower(nn.Module):
         return F.normalize(users.float(), dim=-1) @ F.normalize(self.embeddings.weight.float(), dim=-1).T / self.temperature
 
 
+def _gather_ids(ids: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``ids`` (no gradient), in rank order: the items of the global batch's negatives."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return ids
+    parts = [torch.empty_like(ids) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, ids)
+    return torch.cat(parts)
+
+
 class TwoTower(nn.Module):
     def __init__(self, model: nn.Module, temperature: float):
         super().__init__()
         self.model, self.temperature = model, temperature
         self.head = ItemTower(model.get_input_embeddings(), temperature)
+        # log q_j (training only; retrieval scores are the plain cosines); zeros: no correction.  Not saved:
+        # it is a function of the training data, rebuilt by build() on a resume
+        self.register_buffer("log_q", torch.zeros(model.get_input_embeddings().num_embeddings), persistent=False)
 
     def users(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        users = self.users(batch["input_ids"], batch["attention_mask"])
-        items = self.model.get_input_embeddings()(batch["positive"])
-        loss, correct = info_nce(users, items, self.temperature)
-        return {"contrastive": loss, "contrastive_correct": correct}
+        users = F.normalize(self.users(batch["input_ids"], batch["attention_mask"]).float(), dim=1)
+        items = F.normalize(self.model.get_input_embeddings()(batch["positive"]).float(), dim=1)
+        keys, offset = _gather(items)
+        logits = users @ keys.T / self.temperature - self.log_q[_gather_ids(batch["positive"])]
+        positive = torch.arange(len(users), device=users.device) + offset
+        return {"contrastive": F.cross_entropy(logits, positive, reduction="sum"),
+                "contrastive_correct": (logits.argmax(1) == positive).sum()}
 
 
 @TASKS.register("two-tower")
@@ -87,7 +104,11 @@ class TwoTowerTask(Task):
         self.start = None
         if data.extra.get("ranking", {}).get("validation"):
             self.monitor = (f"ndcg@{RANKING_K}", "max")
-        return TwoTower(backbone.model(AutoModel, data), self.cfg.temperature)
+        model = TwoTower(backbone.model(AutoModel, data), self.cfg.temperature)
+        ids = torch.tensor(data.train["input_ids"])
+        counts = torch.bincount(ids[ids >= len(SPECIALS)], minlength=model.log_q.numel()).double()
+        model.log_q.copy_((counts / counts.sum()).clamp_min(1e-12).log().float())  # the sampling-bias correction
+        return model
 
     def collate(self, rows: dict[str, list], seeds: list[int]) -> dict[str, torch.Tensor]:
         """Cut each ``[CLS] items [SEP]`` row at a point drawn from its seed: the history before it, the item at it."""
