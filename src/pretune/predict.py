@@ -33,6 +33,7 @@ from pretune.backbones.base import for_folder
 from pretune.backbones.items import is_items_folder
 from pretune.backbones.transformers import tokenize
 from pretune.data.arrays import encode_labels
+from pretune.data.audio import AudioSpec, clips_from_arrays, is_audio_file, list_audio, load_audio_files, log_mel
 from pretune.data.images import BUILTIN_DIGITS, EXTENSIONS, list_images, load_digits, load_image_files
 from pretune.data.labelled import LabelledDataConfig, not_in_map, read_labelled
 from pretune.data.interactions import UNK, InteractionsConfig, build_interactions, item_ids
@@ -86,11 +87,13 @@ class Predictor:
             family = for_folder(self.path)
             self.modality = "text" if family.modality in TOKENIZED else family.modality  # item histories are text of item ids
             self.model, inputs = family.load_classifier(self.path, self.meta, self.device)
+        self.audio: AudioSpec | None = None
         if self.modality == "text":
             self.tokenizer = inputs
         else:
             self.input_shape: tuple[int, ...] = tuple(inputs["input_shape"])
             self.modality = self.meta.get("modality") or ("image" if len(self.input_shape) == 3 else "vector")
+            self.audio = AudioSpec(**inputs["audio"]) if inputs.get("audio") else None  # how clips become features
 
     # -- text -----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -115,7 +118,7 @@ class Predictor:
                 results.extend(self.head.decode(logits, self.labels, self.meta.get("threshold", 0.5)))
         return results[0:1] if single else results
 
-    # -- images and vectors -----------------------------------------------------------------------------
+    # -- images, audio and vectors ------------------------------------------------------------------------
     @torch.no_grad()
     def logits(self, x: torch.Tensor, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
         """Logits ``[N, K]`` of examples already shaped like ``input_shape`` (raw pixels / vectors)."""
@@ -143,7 +146,12 @@ class Predictor:
         source must have labels; ``classes``: keep only examples of these classes; ``bad_files``:
         ``skip`` leaves undecodable images out (with a warning), ``error`` stops."""
         paths = keys = x = None
-        if isinstance(inputs, (str, Path)):
+        if self.modality == "audio" and not isinstance(inputs, (str, Path)) and not _paths(inputs):
+            source, x = "the inputs", self._waveforms(inputs)
+        elif isinstance(inputs, (str, Path)) and self.modality == "audio":
+            source = str(inputs)
+            paths, keys = ([Path(source)], None) if is_audio_file(Path(source)) else list_audio(source)
+        elif isinstance(inputs, (str, Path)):
             source = str(inputs)
             if source == BUILTIN_DIGITS:
                 x, keys = self._digits()
@@ -158,13 +166,14 @@ class Predictor:
                 paths = [Path(source)]
             else:
                 raise DataError(f"{source}: no such image folder or file")
-        elif isinstance(inputs, (list, tuple)) and inputs and all(isinstance(item, (str, Path)) for item in inputs):
+        elif _paths(inputs):
             if self.modality == "vector":
                 raise DataError("a vector model reads one vector file, a tensor or an array, not a list of paths")
-            source, paths = "the images", [Path(item) for item in inputs]
+            what = "audio" if self.modality == "audio" else "image"
+            source, paths = f"the {what} files", [Path(item) for item in inputs]
             missing = next((p for p in paths if not p.is_file()), None)
             if missing is not None:
-                raise DataError(f"{missing}: no such image file")
+                raise DataError(f"{missing}: no such {what} file")
         else:
             source, x = "the inputs", self._as_tensor(inputs)
 
@@ -178,13 +187,16 @@ class Predictor:
             if not rows:
                 raise DataError(f"{source} holds no example of the classes {', '.join(map(str, classes))}")
         skipped: list[str] = []
-        if paths is not None:
+        if paths is not None and self.audio is not None:  # silent clips are predicted too: the model was asked about them
+            waves, kept, skipped = load_audio_files([paths[i] for i in rows], self.audio, bad_files, silent="keep")
+            x, rows = log_mel(waves, self.audio), [rows[i] for i in kept]
+        elif paths is not None:
             x, kept, skipped = load_image_files([paths[i] for i in rows], self._size(), self.input_shape[0], bad_files)
             rows = [rows[i] for i in kept]
-            if skipped:
-                shown = ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else "")
-                print(f"pretune: warning: skipped {len(skipped)} unreadable image file(s): " + " ".join(shown.split()),
-                      file=sys.stderr, flush=True)
+        if skipped:
+            shown = ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+            print(f"pretune: warning: skipped {len(skipped)} unreadable {self.modality} file(s): " + " ".join(shown.split()),
+                  file=sys.stderr, flush=True)
         elif len(rows) != len(x):
             x = x[rows]
         if tuple(x.shape[1:]) != self.input_shape:
@@ -204,6 +216,25 @@ class Predictor:
         if tuple(x.shape[2:]) != self.input_shape[1:]:  # as the training reader resizes them
             x = torch.nn.functional.interpolate(x, size=self.input_shape[1:], mode="bilinear", align_corners=False, antialias=False)
         return x.contiguous(), keys
+
+    def _waveforms(self, inputs: Any) -> torch.Tensor:
+        """Clips given as waveforms at the model's sample rate (one 1-D array, or a list / 2-D array of them), or
+        log-mel spectrograms already shaped ``[N, n_mels, frames]``."""
+        if isinstance(inputs, (torch.Tensor, np.ndarray)) and tuple(inputs.shape[-2:]) == self.input_shape:
+            return self._as_tensor(inputs)
+        if isinstance(inputs, (torch.Tensor, np.ndarray)):
+            inputs = [inputs] if inputs.ndim == 1 else list(inputs)
+        try:
+            clips = [np.asarray(clip.cpu() if isinstance(clip, torch.Tensor) else clip, dtype=np.float32) for clip in inputs]
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"cannot read the inputs as waveforms ({' '.join(str(exc).split())[:200]}); give audio file paths, "
+                            f"a folder, or 1-D arrays of samples at {self.audio.sample_rate} Hz") from None
+        if not clips or any(clip.ndim != 1 for clip in clips):
+            raise DataError(f"waveforms must be 1-D arrays of samples at {self.audio.sample_rate} Hz (got shapes "
+                            f"{[clip.shape for clip in clips[:3]]})")
+        if not all(np.isfinite(clip).all() for clip in clips):
+            raise DataError("the waveforms hold NaN or infinite values")
+        return clips_from_arrays(clips, self.audio.sample_rate, self.audio)
 
     def _as_tensor(self, inputs: Any) -> torch.Tensor:
         try:
@@ -226,6 +257,10 @@ class Predictor:
         return x
 
 
+
+
+def _paths(inputs: Any) -> bool:
+    return isinstance(inputs, (list, tuple)) and bool(inputs) and all(isinstance(item, (str, Path)) for item in inputs)
 
 
 @dataclass

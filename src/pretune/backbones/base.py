@@ -150,7 +150,7 @@ def for_folder(path: str | Path) -> type[Backbone]:
     raise RecipeError(f"{path}: not a model folder any backbone family reads")
 
 
-ORDER = ("items", "hf", "builtin", "timm", "torchvision")  # who claims a section without `family:` first
+ORDER = ("items", "audio", "hf", "builtin", "timm", "torchvision")  # who claims a section without `family:` first
 
 
 def _registered() -> list[str]:

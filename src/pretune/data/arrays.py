@@ -5,10 +5,12 @@
     data: {images: "builtin:digits"}              # the embedded 8x8 digits (the default), read at 16x16
     data: {vectors: features.csv, label: y}       # CSV/TSV, Parquet, NPY or NPZ (``file:`` also works)
     data: {vectors: "builtin:digits"}             # the embedded digits as 64-value vectors
+    data: {audio: clips/, duration: 1.0}          # audio clips (a folder or a path,label manifest) as log-mel spectrograms
 
-Examples become ``x``: float32 ``[N, C, H, W]`` in [0, 1] (images, :mod:`pretune.data.images`) or
-raw float32 ``[N, D]`` (vectors, :mod:`pretune.data.vectors`), with ``labels`` (class ids) when
-the data are labelled.  Classes sort numerically when all look like integers, unless a saved
+Examples become ``x``: float32 ``[N, C, H, W]`` in [0, 1] (images, :mod:`pretune.data.images`),
+Whisper log-mel spectrograms ``[N, n_mels, frames]`` (audio, :mod:`pretune.data.audio`) or raw
+float32 ``[N, D]`` (vectors, :mod:`pretune.data.vectors`), with ``labels`` (class ids) when the data
+are labelled.  Classes sort numerically when all look like integers, unless a saved
 model's ``label_names`` fix the map.
 
 The validation split is drawn from *all* examples, stratified by class and seeded by
@@ -21,6 +23,7 @@ before the budget, for pretraining.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import sys
 from dataclasses import dataclass
@@ -30,6 +33,7 @@ import numpy as np
 import torch
 from pydantic import AliasChoices, ConfigDict, Field, field_validator, model_validator
 
+from pretune.data.audio import AudioSpec, list_audio, load_audio_files, log_mel
 from pretune.data.images import BUILTIN_DIGITS, DIGITS_SIZE, Channels, list_images, load_digits, load_image_files, own_sizes
 from pretune.data.labelled import apply_budget, check_budget, not_in_map, stratified_split
 from pretune.data.vectors import read_vectors
@@ -40,10 +44,12 @@ SHOWN_SKIPPED = 3  # names listed in the skipped-files warning
 
 
 def modality(data: dict) -> str:
-    """``'image'`` if a recipe's data section names ``images``, ``'vector'`` if it names
-    ``vectors`` (or ``file``), else ``'text'``."""
+    """``'image'`` if a recipe's data section names ``images``, ``'audio'`` if it names ``audio``,
+    ``'vector'`` if it names ``vectors`` (or ``file``), else ``'text'``."""
     if data.get("images") is not None:
         return "image"
+    if data.get("audio") is not None:
+        return "audio"
     return "vector" if data.get("vectors") is not None or data.get("file") is not None else "text"
 
 
@@ -55,6 +61,11 @@ class ArrayDataConfig(Section):
 
     images: str | None = None  # folder (one sub-folder per class, or images directly) or 'builtin:digits'
     vectors: str | None = Field(None, validation_alias=AliasChoices("vectors", "file"))  # CSV/TSV/NPY/NPZ/Parquet
+    audio: str | None = None  # folder of clips (one sub-folder per class, or clips directly) or a CSV/JSONL manifest (path, label)
+    sample_rate: int = Field(16000, ge=1000)  # audio: clips are resampled to this rate
+    duration: float = Field(1.0, gt=0, le=30)  # audio: seconds per clip (longer: centre-cropped; shorter: silence appended)
+    n_mels: int = Field(80, ge=8)  # audio: mel bins (Whisper: 80)
+    silent: Literal["skip", "keep"] = "skip"  # audio: clips with no signal (peak below -80 dBFS)
     label: str | None = "label"  # vectors: label column (CSV/Parquet); NPZ: array 'y'; absent => unlabelled
     size: int | None = Field(None, ge=1)  # images: resize to size x size; None: their own size (all must match; the 8x8 digits: 16x16)
     channels: Channels = "auto"  # auto: 1 if every image is gray, else 3
@@ -72,15 +83,22 @@ class ArrayDataConfig(Section):
     def _default_source(cls, data: Any) -> Any:
         if isinstance(data, dict) and "file" in data:  # `data.file=x.csv` on the command line replaces the recipe's vectors
             data = {**{k: v for k, v in data.items() if k != "file"}, "vectors": data["file"]}
-        if isinstance(data, dict) and all(data.get(key) is None for key in ("images", "vectors", "file")):
+        if isinstance(data, dict) and all(data.get(key) is None for key in ("images", "vectors", "file", "audio")):
             data = {**data, "images": BUILTIN_DIGITS}
         return data
 
     @model_validator(mode="after")
     def _one_source(self) -> ArrayDataConfig:
-        if self.images is not None and self.vectors is not None:
-            raise ValueError("set data.images or data.vectors, not both")
+        if sum(source is not None for source in (self.images, self.vectors, self.audio)) > 1:
+            raise ValueError("set one of data.images, data.audio or data.vectors")
         return self
+
+    def audio_spec(self) -> AudioSpec:
+        return AudioSpec(sample_rate=self.sample_rate, duration=self.duration, n_mels=self.n_mels)
+
+    @property
+    def source(self) -> str:
+        return self.images or self.audio or self.vectors
 
     @field_validator("budget", mode="before")  # before: True is not 1 and 1 is not 1.0
     @classmethod
@@ -114,11 +132,12 @@ class ArrayData:
     train: ArrayDataset  # after the budget
     validation: ArrayDataset | None
     test: ArrayDataset | None
-    modality: str  # "image" | "vector"
+    modality: str  # "image" | "audio" | "vector"
     label_names: list[str] | None  # class names by id; None when unlabelled
     shape: tuple[int, ...]  # one example, e.g. (1, 8, 8) or (64,)
     skipped: list[str]  # "path (reason)" of image files left out by bad_files: skip
     unlabelled_train: ArrayDataset  # the whole train split before the budget
+    audio: dict[str, Any] | None = None  # audio: how clips became features (an AudioSpec as a dict)
 
 
 @dataclass
@@ -140,6 +159,8 @@ def _read(source: str, cfg: ArrayDataConfig, main: bool, channels: Channels) -> 
         x, keys = read_vectors(source, cfg.label)
     elif source == BUILTIN_DIGITS:
         x, keys = load_digits(cfg.size or DIGITS_SIZE, channels)
+    elif cfg.audio is not None:
+        paths, keys = list_audio(source)
     else:
         paths, keys = list_images(source)
     total = len(paths if paths is not None else x)
@@ -151,6 +172,10 @@ def _read(source: str, cfg: ArrayDataConfig, main: bool, channels: Channels) -> 
     skipped: list[str] = []
     if paths is None:
         x = x if len(rows) == total else x[rows]
+    elif cfg.audio is not None:
+        spec = cfg.audio_spec()
+        waves, kept, skipped = load_audio_files([paths[i] for i in rows], spec, cfg.bad_files, cfg.silent)
+        x, rows = log_mel(waves, spec), [rows[i] for i in kept]
     else:
         x, kept, skipped = load_image_files([paths[i] for i in rows], cfg.size, channels, cfg.bad_files)
         rows = [rows[i] for i in kept]
@@ -214,8 +239,8 @@ def build_array_data(cfg: ArrayDataConfig, seed: int = 0, label_names: list[str]
     ``seed`` (the run seed) is accepted for symmetry with ``build_labelled`` but draws nothing:
     the split depends on ``cfg.split_seed`` and the budget on ``cfg.budget_seed`` only.
     ``label_names`` (a saved model's label map) fix the class ids."""
-    kind = "image" if cfg.images is not None else "vector"
-    source = cfg.images if cfg.images is not None else cfg.vectors
+    kind = "image" if cfg.images is not None else "audio" if cfg.audio is not None else "vector"
+    source = cfg.source
     main, held = _read(source, cfg, main=True, channels=cfg.channels)
     test = None
     if cfg.test is not None:
@@ -253,7 +278,8 @@ def build_array_data(cfg: ArrayDataConfig, seed: int = 0, label_names: list[str]
     skipped = main.skipped + (test.skipped if test is not None else [])
     if skipped:
         shown = ", ".join(skipped[:SHOWN_SKIPPED]) + (", ..." if len(skipped) > SHOWN_SKIPPED else "")
-        print(f"pretune: warning: skipped {len(skipped)} unreadable image file(s) (data.bad_files: skip): "
+        what = "audio file(s) (undecodable, too short or silent; data.bad_files, data.silent)" if kind == "audio" else "unreadable image file(s) (data.bad_files: skip)"
+        print(f"pretune: warning: skipped {len(skipped)} {what}: "
               + " ".join(shown.split()), file=sys.stderr, flush=True)
     return ArrayData(
         train=train,
@@ -264,6 +290,7 @@ def build_array_data(cfg: ArrayDataConfig, seed: int = 0, label_names: list[str]
         shape=tuple(main.x.shape[1:]),
         skipped=skipped,
         unlabelled_train=unlabelled_train,
+        audio=dataclasses.asdict(cfg.audio_spec()) if kind == "audio" else None,
     )
 
 

@@ -1,4 +1,5 @@
-"""Contrastive views (SimCLR) of small images, and corrupted views (SCARF-like) of vectors.
+"""Contrastive views (SimCLR) of small images, corrupted views (SCARF-like) of vectors, and a dispatcher that
+also sends spectrograms to :mod:`pretune.data.audio_augment`.
 
 Batched in torch and seeded per example.  An image view is, in SimCLR's order (Chen et al. 2020,
 "A Simple Framework for Contrastive Learning of Visual Representations", appendix A):
@@ -34,7 +35,9 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import Tensor
 
-from pretune.recipe import Section
+from pretune.data.audio_augment import AudioAugmentConfig, augment_audio
+from pretune.recipe import Probability, Section
+from pretune.trainer.data import example_params
 
 # slots of example_params: one uniform in [0, 1) per random choice of an image view
 SCALE, RATIO, CENTRE_X, CENTRE_Y, FLIP, JITTER, BRIGHTNESS, CONTRAST, SATURATION, HUE, GRAY, BLUR, SIGMA = range(13)
@@ -44,7 +47,6 @@ GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma
 _RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64)
 _YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
 
-Probability = Annotated[float, Field(ge=0, le=1)]
 Fraction = Annotated[float, Field(gt=0, le=1)]
 Ratio = Annotated[float, Field(ge=0.1, le=10)]
 Sigma = Annotated[float, Field(gt=0, le=100)]
@@ -66,6 +68,7 @@ class AugmentConfig(Section):
     blur_sigma: tuple[Sigma, Sigma] = (0.1, 2.0)
     noise: float = Field(0.0, ge=0, le=10)  # vectors: std of added Gaussian noise (standardised units)
     mask: float = Field(0.0, ge=0, lt=1)  # vectors: fraction of features zeroed per example
+    audio: AudioAugmentConfig = AudioAugmentConfig()  # audio spectrograms: shift, gain, noise, speed, SpecAugment
 
     @field_validator("crop_scale", "crop_ratio", "blur_sigma")
     @classmethod
@@ -73,11 +76,6 @@ class AugmentConfig(Section):
         if value[0] > value[1]:
             raise ValueError(f"a range (low, high) needs low <= high, got {value}")
         return value
-
-
-def example_params(seed: int, n: int) -> Tensor:
-    """``n`` uniforms in [0, 1) (float32) from a generator seeded with the example's seed."""
-    return torch.rand(n, generator=torch.Generator().manual_seed(int(seed)))
 
 
 def blur_kernel_size(side: int) -> int:
@@ -235,3 +233,16 @@ def augment_vectors(x: Tensor, seeds: Sequence[int], cfg: AugmentConfig) -> Tens
     if cfg.noise > 0:
         out = out + cfg.noise * normal.to(x.device, x.dtype)
     return out
+
+
+def augment_examples(x: Tensor, seeds: Sequence[int], cfg: AugmentConfig, size: int | None = None,
+                     audio: dict | None = None) -> Tensor:
+    """A view of each example, by the layout of ``x``: images ``[B, C, H, W]`` (``size``: the side of the view),
+    log-mel spectrograms ``[B, M, T]`` (``audio``: the data's :class:`~pretune.data.audio.AudioSpec` as a dict,
+    for the length of a frame) or vectors ``[B, D]``."""
+    if x.dim() == 4:
+        return augment_images(x, seeds, cfg, size)
+    if x.dim() == 3:
+        frame_seconds = audio["hop"] / audio["sample_rate"] if audio else 0.01
+        return augment_audio(x, seeds, cfg.audio, frame_seconds)
+    return augment_vectors(x, seeds, cfg)

@@ -13,7 +13,8 @@ import glob
 import gzip
 import json
 import os
-from typing import IO, Iterable
+from pathlib import Path
+from typing import IO, Callable, Iterable
 
 import pyarrow.parquet as pq
 import xxhash
@@ -164,12 +165,35 @@ def _check_first_json(path: str, column: str) -> None:
                 continue
             if text.startswith("["):  # a whole-file JSON array: datasets reads it, columns checked after
                 return
-            record = _parse_json_line(path, number, text)
+            record = parse_json_line(path, number, text)
             _need_column(path, column, list(record))
             return
 
 
-def _parse_json_line(path: str, number: int, text: str) -> dict:
+def list_by_class(root: Path, wanted: Callable[[Path], bool], what: str, suffixes: Iterable[str]) -> tuple[list[Path], list[str] | None]:
+    """Files of a folder in sorted order and their class (sub-folder name), or None when the files sit directly in
+    the folder.  Class folders are searched recursively; hidden entries, other files and class folders holding no
+    wanted file are ignored.  ``what``: "images", "audio files"... for the errors."""
+    entries = sorted(entry for entry in root.iterdir() if not entry.name.startswith("."))
+    files = [entry for entry in entries if wanted(entry)]
+    classes = {entry.name: sorted(p for p in entry.rglob("*") if wanted(p) and not _hidden(p, entry))
+               for entry in entries if entry.is_dir()}
+    classes = {name: paths for name, paths in classes.items() if paths}
+    if files and classes:
+        raise DataError(f"{root} holds both {what} ({files[0].name}) and class sub-folders "
+                        f"({next(iter(classes))}/); put every one in a class folder, or none")
+    if not files and not classes:
+        raise DataError(f"no {what} ({', '.join(suffixes)}) in {root}")
+    if files:
+        return files, None
+    return [p for paths in classes.values() for p in paths], [name for name, paths in classes.items() for _ in paths]
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def parse_json_line(path: str, number: int, text: str) -> dict:
     try:
         record = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -185,7 +209,7 @@ def find_bad_json_line(path: str) -> None:
         for number, line in enumerate(raw, start=1):
             text = line.decode("utf-8-sig").strip()
             if text:
-                _parse_json_line(path, number, text)
+                parse_json_line(path, number, text)
 
 
 def _check_parquet(path: str, column: str) -> None:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFile
 
+from pretune.data.files import list_by_class
 from pretune.errors import DataError
 
 BUILTIN_DIGITS = "builtin:digits"
@@ -52,23 +53,7 @@ def list_images(folder: str) -> tuple[list[Path], list[str] | None]:
         raise DataError(f"image folder {folder!r} does not exist")
     if not root.is_dir():
         raise DataError(f"data.images {folder!r} is a file; give a folder of images (one sub-folder per class)")
-    entries = sorted(entry for entry in root.iterdir() if not entry.name.startswith("."))
-    files = [entry for entry in entries if _is_image(entry)]
-    classes = {entry.name: sorted(p for p in entry.rglob("*") if _is_image(p) and not _hidden(p, entry))
-               for entry in entries if entry.is_dir()}
-    classes = {name: paths for name, paths in classes.items() if paths}
-    if files and classes:
-        raise DataError(f"{folder} holds both image files ({files[0].name}) and class sub-folders "
-                        f"({next(iter(classes))}/); put every image in a class folder, or none")
-    if not files and not classes:
-        raise DataError(f"no images ({', '.join(EXTENSIONS)}) in {folder}")
-    if files:
-        return files, None
-    return [p for paths in classes.values() for p in paths], [name for name, paths in classes.items() for _ in paths]
-
-
-def _hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
+    return list_by_class(root, _is_image, "image files", EXTENSIONS)
 
 
 def _is_gray(image: Image.Image) -> bool:

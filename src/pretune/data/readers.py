@@ -75,7 +75,7 @@ def read(modality: str, data_kind: str, cfg: Any, *, seed: int, tokenizer_path: 
         if data_kind == "corpus":  # pretraining reads the whole training split, labelled or not
             return RunData(arrays.unlabelled_train, arrays.validation, arrays.test, arrays.label_names, arrays=arrays, meta=meta)
         if arrays.label_names is None:
-            source = cfg.images or cfg.vectors
+            source = cfg.source
             raise DataError(f"{source}: classification needs labels (one sub-folder per class, or a '{cfg.label}' column)")
         return RunData(arrays.train, arrays.validation, arrays.test, arrays.label_names, arrays=arrays, meta=meta)
     if modality == "interactions":

@@ -1,4 +1,4 @@
-"""Contrastive pretraining: SimCLR (Chen et al. 2020) on images and vectors.
+"""Contrastive pretraining: SimCLR (Chen et al. 2020) on images, vectors and audio spectrograms.
 
 Each example gives two augmented *views*; backbone and projection head map them to embeddings
 ``z``; the loss pulls the two views of an example together and pushes every other embedding of
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from pretune.data.augment import AugmentConfig, augment_images, augment_vectors
+from pretune.data.augment import AugmentConfig, augment_examples
 from pretune.backbones.arrays import ArrayFamily
 from pretune.data.readers import RunData
 from pretune.recipe import Section
@@ -106,17 +106,16 @@ class SimCLRModel(nn.Module):
 class SimCLR(ArrayTask):
     Config = ContrastiveConfig
     losses = ("contrastive",)
+    audio: dict | None = None  # the data's AudioSpec (spectrogram views)
 
     def build(self, backbone: ArrayFamily, data: RunData) -> SimCLRModel:
+        self.audio = data.arrays.audio  # spectrogram views need the length of a frame
         return SimCLRModel(backbone.build(data), self.cfg)
 
     def collate(self, rows: dict[str, torch.Tensor], seeds: list[int]) -> dict[str, torch.Tensor]:
         """Two views per example, each drawn from the example's own seed."""
-        x = rows["x"]
-        if x.dim() == 4:
-            views = [augment_images(x, [mix(s, v) for s in seeds], self.cfg.augment, self.cfg.view_size) for v in (1, 2)]
-        else:
-            views = [augment_vectors(x, [mix(s, v) for s in seeds], self.cfg.augment) for v in (1, 2)]
+        views = [augment_examples(rows["x"], [mix(s, v) for s in seeds], self.cfg.augment, self.cfg.view_size, self.audio)
+                 for v in (1, 2)]
         return {"x": torch.stack(views, dim=1)}
 
     def units(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -44,6 +44,13 @@ class ArrayTask(Task):
         super().__init__(cfg, seed)
         self.flops_per_example: float | None = None
 
+    def prepare(self, module: nn.Module, data: RunData, device: torch.device, precision: str) -> RunData:
+        """Without labelled validation examples there is no k-NN accuracy: the validation loss picks the best model."""
+        arrays = data.arrays
+        if arrays is None or arrays.validation is None or arrays.validation.labels is None:
+            self.monitor = ("loss", "min") if data.validation is not None else None
+        return data
+
     def units(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {key: torch.tensor(float(len(batch["x"]))) for key in self.losses}
 

@@ -19,6 +19,12 @@ GROUPS = 0x47525053  # salts the seed of the length-grouped batches' order
 GROUP_WINDOW = 50  # global batches per length-sorted window (transformers' LengthGroupedSampler's "megabatches")
 
 
+def example_params(seed: int, n: int) -> torch.Tensor:
+    """``n`` uniforms in [0, 1) (float32) from a generator seeded with the example's seed: one fixed slot per
+    random choice of an augmentation, so an example's view depends on its seed alone."""
+    return torch.rand(n, generator=torch.Generator().manual_seed(int(seed)))
+
+
 def mix(*values: int) -> int:
     """A 63-bit seed from several integers (splitmix64 steps), stable across runs and machines."""
     state = 0x9E3779B97F4A7C15
