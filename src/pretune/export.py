@@ -26,6 +26,8 @@ interrupted export never leaves a folder that looks usable.  ``pretune.load(fold
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import shutil
 import time
@@ -257,6 +259,8 @@ def _write_meta(original: Predictor, folder: Path, exporter: str, int8: bool) ->
     else:
         meta["export"]["input_shape"] = list(original.input_shape)
         meta["modality"] = original.modality
+        if original.audio is not None:  # how clips become the exported model's input features
+            meta["export"]["audio"] = dataclasses.asdict(original.audio)
     (folder / "pretune.json").write_text(json.dumps(meta, indent=2))
     card = original.path / "README.md"
     if card.is_file():
@@ -264,12 +268,13 @@ def _write_meta(original: Predictor, folder: Path, exporter: str, int8: bool) ->
 
 
 def _validation_data(model: Path) -> str:
-    """The labelled data of the run that wrote ``model``: its validation file, else its test file, else its training file."""
+    """The labelled data of the run that wrote ``model``: its validation file, else its test file, else its training file
+    (images, audio, vectors: the folder or file the validation split was drawn from)."""
     recipe_file = model.parent / "recipe.yaml"
     if not recipe_file.is_file():
         raise DataError(f"{model}: no run recipe beside it to find validation data; give labelled data with --data FILE")
     section = (yaml.safe_load(recipe_file.read_text()) or {}).get("data") or {}
-    for key in ("validation", "test", "train"):
+    for key in ("validation", "test", "train", "images", "audio", "vectors"):
         value = section.get(key)
         if isinstance(value, str) and (value.startswith("builtin:") or Path(value).exists()):
             return value

@@ -53,10 +53,10 @@ class OnnxModel:
 
 
 def load_onnx(path: Path, meta: dict[str, Any]) -> tuple[OnnxModel, Any]:
-    """The model and what reads its inputs: a tokenizer (text) or ``{"input_shape": ...}`` (images, vectors)."""
+    """The model and what reads its inputs: a tokenizer (text) or ``{"input_shape": ..., "audio": ...}`` (images, audio, vectors)."""
     model = OnnxModel(path / ONNX_FILE)
     if meta.get("modality") == "text":
         from pretune.data.readers import load_tokenizer
 
         return model, load_tokenizer(str(path))
-    return model, {"input_shape": meta["export"]["input_shape"]}
+    return model, {"input_shape": meta["export"]["input_shape"], "audio": meta["export"].get("audio")}

@@ -149,6 +149,9 @@ def load_predictor(model: str | Path) -> Any:
     if not hasattr(predictor, "predict"):
         raise CheckpointError(f"{model}: a causal language model generates text, which pretune serve does not serve; "
                               f"use pretune generate {model} --prompt ...")
+    if getattr(predictor, "modality", None) == "audio":  # requests would need an audio upload format and page: not built yet
+        raise CheckpointError(f"{model}: pretune serve does not serve audio models yet; use pretune predict {model} CLIPS "
+                              "or pretune.load(...).predict(paths or waveforms)")
     return predictor
 
 

@@ -106,3 +106,22 @@ def test_the_python_example_of_the_docs_runs(masked, tmp_path, capsys):
     exec(compile(code, "docs/audio.md", "exec"), {})
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 2 and "'label'" in printed[0] and "'label'" in printed[1]
+    from pretune.errors import CheckpointError
+    from pretune.serve import load_predictor
+
+    with pytest.raises(CheckpointError, match="does not serve audio models yet"):  # a clear refusal, not a text server
+        load_predictor(run / "model")
+
+
+def test_an_exported_audio_model_predicts_files_like_the_original(masked, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from pretune import load
+
+    run = tmp_path / "clf"
+    cli("finetune", "recipes/audio-classify.yaml", f"model={masked / 'model'}", f"run_dir={run}", "strategy=linear-probe", *QUICK)
+    cli("export", str(run / "model"), "--out", str(tmp_path / "onnx"))  # validation data: the recipe's own clips
+    folder = "src/pretune/data/builtin/spoken_digits/5"
+    original, exported = load(str(run / "model")).predict(folder), load(str(tmp_path / "onnx")).predict(folder)
+    assert [p["label"] for p in exported] == [p["label"] for p in original]
+    for a, b in zip(original, exported):
+        assert b["probabilities"] == pytest.approx(a["probabilities"], abs=1e-3)
