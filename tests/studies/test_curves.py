@@ -61,6 +61,8 @@ def test_a_study_reports_worth_with_an_interval(tmp_path):
     w = found["pretrained full"]
     assert 5 < w["k"] < 20 and w["low"] < w["k"] < w["high"] and w["low"] < 10 < w["high"]
     assert "pretrained full was worth about" in C.worth_text("pretrained full", w) and "95% interval" in C.worth_text("pretrained full", w)
+    far = {**w, "k": 7.4e6, "needed_budget": 1e-7, "extrapolated": True, "far": True}  # a crossing the budgets cannot support
+    assert "cannot be estimated" in C.worth_text("pretrained full", far) and "worth about" not in C.worth_text("pretrained full", far)
 
 
 def test_cost_accounting_reads_the_pretraining_run_and_states_the_trade_off(tmp_path):

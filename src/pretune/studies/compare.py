@@ -44,6 +44,7 @@ from pretune.studies.report import budget_label, read_metrics, study_report
 from pretune.studies.selection import SELECTION, Selector
 from pretune.studies.stats import Bootstrap
 
+FAR = 10  # "worth k x the labels" is not stated when the fitted crossing lies over FAR x outside the budgets run
 STUDY_FIELDS = ("budgets", "seeds", "strategies", "scratch", "scratch_lr_search", "scratch_epochs", "selection", "adapted")
 
 
@@ -434,7 +435,9 @@ def learning_curves(rows: list[dict[str, Any]], summary: list[dict[str, Any]], m
             continue
         needed = Curve(**curves[arm]).needed(target)
         entry = {"target": target, "needed_budget": needed, "k": top / needed if needed else 0.0,
-                 "extrapolated": bool(needed) and not min(budgets) <= needed <= top, "low": None, "high": None}
+                 "extrapolated": bool(needed) and not min(budgets) <= needed <= top, "low": None, "high": None,
+                 # a crossing more than 10x outside the budgets run is the fit talking, not the data
+                 "far": bool(needed) and not min(budgets) / FAR <= needed <= top * FAR}
         if scratch_top is not None:
             replicates = np.stack([boot.replicates(groups[(arm, b)]) for b in budgets], axis=1)
             k = curve_worth(budgets, replicates, scratch_top, mode)
@@ -449,6 +452,9 @@ def worth_text(arm: str, w: dict[str, Any]) -> str:
     """``pretrained full was worth about 6.2x the labels of scratch (95% interval 3.1x to 14x)``."""
     if not w["k"]:
         return f"{arm}'s fitted curve never reaches scratch at its largest budget ({w['target']:.3f})"
+    if w.get("far"):
+        return (f"how many labels {arm} was worth cannot be estimated from these budgets (its fitted curve would reach "
+                f"scratch's {w['target']:.3f} at a budget of {w['needed_budget']:.2g}, over {FAR}x outside the budgets run)")
     text = f"{arm} was worth about {w['k']:.2g}x the labels of scratch"
     if w["low"] is not None:
         text += f" (95% interval {w['low']:.2g}x to {w['high']:.2g}x)"
