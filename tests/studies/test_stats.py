@@ -100,3 +100,15 @@ def test_headlines_say_whether_a_match_is_inside_the_noise(tmp_path):
     one_seed = [r for r in rows if r["seed"] == 0]
     text, _ = C.find_headline(C.summarise(one_seed), "max", [1.0], one_seed, Bootstrap([], "score"))
     assert text.count("(one seed: no interval; run seeds=3 to know whether this is noise)") == 2
+
+
+def test_the_majority_class_floor_is_computed_and_named_in_the_headline(tmp_path):
+    from pretune.studies.compare import majority_text
+
+    truth = np.array([0] * 6 + [1] * 3 + [2] * 1)  # always answering 0 scores 0.6
+    cells = cells_from(tmp_path, "scratch", truth, [np.zeros(10, int), np.ones(10, int)])
+    assert Bootstrap(cells, "accuracy").majority() == pytest.approx(0.6)
+    assert Bootstrap(cells, "f1_macro").majority() == pytest.approx(f1_score(truth, np.zeros(10), average="macro", labels=range(3)))
+    summary = [{"arm": "scratch", "budget": 1.0, "mean": 0.5}, {"arm": "pretrained full", "budget": 1.0, "mean": 0.7}]
+    assert "scratch never beats it" in majority_text(summary, 0.6, "accuracy")
+    assert "no arm beats it" in majority_text(summary, 0.8, "accuracy") and "every arm" in majority_text(summary, 0.4, "accuracy")

@@ -227,6 +227,8 @@ def finish(study_dir: Path, study: StudyConfig, metric: str, mode: str, rows: li
     curves, worth = learning_curves(rows, summary, mode, boot)
     if worth:
         headline += "; " + "; ".join(worth_text(arm, w) for arm, w in worth.items())
+    if (floor := boot.majority()) is not None and mode == "max":
+        headline += "; " + majority_text(summary, floor, metric)
     cost = costs(rows, base, worth, study.budgets)
     selected = paired_effects(rows, boot, mode, lambda arm: arm[: -len(f", {SELECTION} labels")] if arm.endswith(f", {SELECTION} labels") else None,
                               f"{SELECTION} picks", "random per-class picks")
@@ -446,6 +448,20 @@ def learning_curves(rows: list[dict[str, Any]], summary: list[dict[str, Any]], m
                 entry["low"], entry["high"] = (float(v) for v in np.percentile(k, [2.5, 97.5]))
         worth[arm] = entry
     return curves, worth
+
+
+def majority_text(summary: list[dict[str, Any]], floor: float, metric: str) -> str:
+    """Which arms never beat always answering the most frequent test class (their comparisons say little)."""
+    best = {}
+    for s in summary:
+        best[s["arm"]] = max(best.get(s["arm"], float("-inf")), s["mean"])
+    below = [arm for arm, score in best.items() if score <= floor]
+    text = f"the most frequent test class alone scores {floor:.3f} {metric}"
+    if not below:
+        return text + ": every arm beats it"
+    if len(below) == len(best):
+        return text + ": no arm beats it, so these comparisons are between failures"
+    return text + f": {', '.join(below)} never beat{'s' if len(below) == 1 else ''} it"
 
 
 def worth_text(arm: str, w: dict[str, Any]) -> str:

@@ -88,6 +88,14 @@ class Bootstrap:
             self.draws[count] = self.rng.integers(0, count, size=(self.n, count))
         return self.draws[count]
 
+    def majority(self) -> float | None:
+        """The score of always answering the test set's most frequent class (None without per-example data):
+        the floor a classifier must clear before any comparison between arms means something."""
+        if not self.per_example:
+            return None
+        constant = np.full_like(self.truth, np.bincount(self.truth).argmax())
+        return float(metric_of(self.truth, constant, self.metric, self.classes))
+
     def interval(self, cells: list[dict[str, Any]]) -> tuple[float, float] | None:
         values = self.replicates(cells)
         if values is None:
