@@ -3,7 +3,7 @@
     POST /predict   {"inputs": [...], "pairs": [...], "top_k": 3} -> {"predictions": [...]}
     GET  /health    {"status": "ok", "model": PATH}
     GET  /metadata  kind, modality, labels, pretune.json, the run's test metrics and model card
-    GET  /          a page to try the model (text box, image drop, or numbers); GET /report: the run's report.html
+    GET  /          a page to try the model (text box, image or audio drop, or numbers); GET /report: the run's report.html
 
 The model is loaded once with :func:`pretune.load` and used only through the public predictor API
 (``predict``, ``kind``, ``labels``, ``modality``, ``meta``, ``head.per_token``), so an exported
@@ -149,9 +149,6 @@ def load_predictor(model: str | Path) -> Any:
     if not hasattr(predictor, "predict"):
         raise CheckpointError(f"{model}: a causal language model generates text, which pretune serve does not serve; "
                               f"use pretune generate {model} --prompt ...")
-    if getattr(predictor, "modality", None) == "audio":  # requests would need an audio upload format and page: not built yet
-        raise CheckpointError(f"{model}: pretune serve does not serve audio models yet; use pretune predict {model} CLIPS "
-                              "or pretune.load(...).predict(paths or waveforms)")
     return predictor
 
 

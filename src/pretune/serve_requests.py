@@ -1,12 +1,13 @@
 """What a ``POST /predict`` body of ``pretune serve`` may hold, and how it becomes ``predict``'s inputs.
 
 A body is JSON ``{"inputs": ..., "pairs": ..., "top_k": ...}`` (any content type, so ``curl -d``
-works), or for image models ``multipart/form-data`` with one file field per image.  ``inputs`` holds
-texts (a string or a list; a tagger also takes lists of words), vectors (a list of numbers or a list
-of such lists) or images (``{"image_base64": ...}`` objects, a ``data:`` URL too).  Everything is
+works), or for image and audio models ``multipart/form-data`` with one file field per image or clip.
+``inputs`` holds texts (a string or a list; a tagger also takes lists of words), vectors (a list of
+numbers or a list of such lists), images (``{"image_base64": ...}`` objects, a ``data:`` URL too) or
+audio clips (``{"audio_base64": ...}``: the bytes of a wav / flac / ogg / mp3 file).  Everything is
 checked here, before the request joins a batch, so a bad request is refused with one line
-(:func:`refuse`) and never reaches the model; images are checked with Pillow and written to a
-temporary folder, since ``predict`` reads image files.
+(:func:`refuse`) and never reaches the model; images are checked with Pillow, clips with soundfile, and
+written to a temporary folder, since ``predict`` reads files.
 """
 
 from __future__ import annotations
@@ -23,11 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
+import soundfile
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from starlette.exceptions import HTTPException
 
 MAX_PIXELS = 40_000_000  # per uploaded image: a small PNG can decode to gigabytes
+MAX_AUDIO_SECONDS = 600  # per uploaded clip: a model reads its first few seconds' window anyway
+FILE_MODALITIES = ("image", "audio")  # models that predict from uploaded files
 
 
 class PredictRequest(BaseModel):
@@ -45,7 +49,7 @@ class Job:
 
     inputs: list
     pairs: list[str] | None = None
-    files: tempfile.TemporaryDirectory | None = None  # uploaded images, removed once predicted
+    files: tempfile.TemporaryDirectory | None = None  # uploaded images / clips, removed once predicted
     done: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
     def claim(self) -> bool:
@@ -123,12 +127,12 @@ def read_multipart(body: bytes, content_type: str) -> tuple[list[bytes], dict[st
 
 
 def examples(request: PredictRequest, predictor: Any, max_inputs: int) -> tuple[list, list[str] | None, list[bytes]]:
-    """``(inputs, pairs, images)`` of a request, checked against what the model reads: texts (a
-    tagger: also lists of words), vectors (lists of numbers) or images (``{"image_base64": ...}``)."""
+    """``(inputs, pairs, files)`` of a request, checked against what the model reads: texts (a tagger: also
+    lists of words), vectors (lists of numbers), images (``{"image_base64": ...}``) or clips (``{"audio_base64": ...}``)."""
     modality, inputs = predictor.modality, request.inputs
-    if modality == "image":
+    if modality in FILE_MODALITIES:
         items = [inputs] if isinstance(inputs, dict) else inputs
-        hint = 'image models take {"image_base64": "..."} objects (or a multipart upload)'
+        hint = f'{modality} models take {{"{modality}_base64": "..."}} objects (or a multipart upload)'
     elif modality == "vector":
         items = [inputs] if isinstance(inputs, list) and inputs and all(map(is_number, inputs)) else inputs
         hint = "vector models take a list of numbers or a list of such lists"
@@ -141,10 +145,10 @@ def examples(request: PredictRequest, predictor: Any, max_inputs: int) -> tuple[
         raise refuse(422, f"inputs is empty; {hint}")
     if len(items) > max_inputs:
         raise refuse(422, f"too many inputs ({len(items)}); at most {max_inputs} per request")
-    images: list[bytes] = []
+    files: list[bytes] = []
     for i, item in enumerate(items):
-        if modality == "image":
-            images.append(decode_base64(item, f"inputs[{i}]", hint))
+        if modality in FILE_MODALITIES:
+            files.append(decode_base64(item, f"inputs[{i}]", hint, f"{modality}_base64"))
         elif modality == "vector":
             check_vector(item, f"inputs[{i}]", hint, predictor.meta.get("input_shape"))
         elif predictor.head.per_token:
@@ -156,7 +160,7 @@ def examples(request: PredictRequest, predictor: Any, max_inputs: int) -> tuple[
             items[i] = words
         elif not isinstance(item, str):
             raise refuse(422, f"inputs[{i}] is {describe(item)}; {hint}")
-    return items, check_pairs(request, predictor, items), images
+    return items, check_pairs(request, predictor, items), files
 
 
 def check_vector(item: Any, where: str, hint: str, shape: list | None) -> None:
@@ -181,16 +185,40 @@ def check_pairs(request: PredictRequest, predictor: Any, items: list) -> list[st
     return pairs
 
 
-def decode_base64(item: Any, where: str, hint: str) -> bytes:
-    if not (isinstance(item, dict) and set(item) == {"image_base64"} and isinstance(item["image_base64"], str)):
+def decode_base64(item: Any, where: str, hint: str, key: str = "image_base64") -> bytes:
+    if not (isinstance(item, dict) and set(item) == {key} and isinstance(item[key], str)):
         raise refuse(422, f"{where} is {describe(item)}; {hint}")
-    text = item["image_base64"]
+    text = item[key]
     if text.startswith("data:"):  # a data URL, as a browser's FileReader gives
         text = text.partition(",")[2]
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise refuse(422, f"{where}: image_base64 is not valid base64") from None
+        raise refuse(422, f"{where}: {key} is not valid base64") from None
+
+
+def save_files(blobs: list[bytes], where: str, modality: str) -> Job:
+    """Uploaded images or clips, checked and written to a temporary folder for ``predict``."""
+    return save_images(blobs, where) if modality == "image" else save_clips(blobs, where)
+
+
+def save_clips(clips: list[bytes], where: str) -> Job:
+    """Each clip checked (libsndfile decodes its header, and it is not hours long) and written to a temporary folder."""
+    folder, paths = tempfile.TemporaryDirectory(prefix="pretune-serve-"), []
+    try:
+        for i, data in enumerate(clips):
+            try:
+                info = soundfile.info(io.BytesIO(data))
+            except Exception as exc:  # noqa: BLE001  (libsndfile raises LibsndfileError, RuntimeError, TypeError...)
+                raise refuse(422, f"{where}[{i}] is not a readable audio file ({type(exc).__name__}: {str(exc)[:120]})") from None
+            if info.duration > MAX_AUDIO_SECONDS:
+                raise refuse(422, f"{where}[{i}] lasts {info.duration:.0f} s; at most {MAX_AUDIO_SECONDS} s per clip")
+            paths.append(Path(folder.name, f"{i}.{info.format.lower()}"))
+            paths[-1].write_bytes(data)
+    except BaseException:
+        folder.cleanup()
+        raise
+    return Job([str(p) for p in paths], files=folder)
 
 
 def save_images(images: list[bytes], where: str) -> Job:
@@ -215,22 +243,22 @@ def save_images(images: list[bytes], where: str) -> Job:
 
 
 def parse(body: bytes, content_type: str, predictor: Any, max_inputs: int) -> tuple[Job, int | None]:
-    """A request body (JSON, or multipart/form-data files for image models) as a job and its ``top_k``."""
+    """A request body (JSON, or multipart/form-data files for image and audio models) as a job and its ``top_k``."""
     if content_type.lower().startswith("multipart/form-data"):
-        if predictor.modality != "image":
-            raise refuse(415, f'multipart uploads are for image models; this {predictor.modality} model takes JSON {{"inputs": [...]}}')
+        if predictor.modality not in FILE_MODALITIES:
+            raise refuse(415, f'multipart uploads are for image and audio models; this {predictor.modality} model takes JSON {{"inputs": [...]}}')
         files, fields = read_multipart(body, content_type)
         if not files:
-            raise refuse(422, "the multipart body holds no file; upload images as file fields")
+            raise refuse(422, f"the multipart body holds no file; upload {'images' if predictor.modality == 'image' else 'clips'} as file fields")
         if len(files) > max_inputs:
             raise refuse(422, f"too many inputs ({len(files)}); at most {max_inputs} per request")
         top_k = fields.get("top_k")
         if top_k is not None and not (re.fullmatch(r"\s*[0-9]+\s*", top_k) and int(top_k) >= 1):
             raise refuse(422, f"top_k is {top_k!r}; give a whole number of at least 1")
-        return save_images(files, "files"), None if top_k is None else int(top_k)
+        return save_files(files, "files", predictor.modality), None if top_k is None else int(top_k)
     request = read_json(body)
-    items, pairs, images = examples(request, predictor, max_inputs)
-    return (save_images(images, "inputs") if images else Job(items, pairs)), request.top_k
+    items, pairs, files = examples(request, predictor, max_inputs)
+    return (save_files(files, "inputs", predictor.modality) if files else Job(items, pairs)), request.top_k
 
 
 def top(prediction: dict[str, Any], k: int | None) -> dict[str, Any]:

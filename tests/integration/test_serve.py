@@ -243,7 +243,7 @@ def test_a_rejected_input_fails_only_its_own_request(text_server, topics, monkey
     (dict(json={"inputs": "a", "top_k": "2"}), 422, "top_k: Input should be a valid integer"),
     (dict(json={"inputs": "a", "pairs": ["b"]}), 422, "pairs applies to sentence-pair models"),
     (dict(json={"inputs": ["a" * 30_000]}), 413, "at most 20,000"),
-    (dict(files={"image": ("a.png", b"x")}), 415, "multipart uploads are for image models"),
+    (dict(files={"image": ("a.png", b"x")}), 415, "multipart uploads are for image and audio models"),
 ])
 def test_bad_requests_get_a_one_line_json_error(text_server, request_, status, fragment):
     client, _ = text_server
@@ -338,6 +338,32 @@ def test_image_model_takes_base64_json_and_multipart_uploads(image_model, tmp_pa
         page = client.get("/").text  # the page offers an image drop, and no report link
         assert '"modality": "image"' in page and '"report": false' in page and "__CONFIG__" not in page
     assert set(Path(tempfile.gettempdir()).glob("pretune-serve-*")) == leftovers  # uploaded images are removed
+
+
+@pytest.fixture(scope="module")
+def audio_model(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("serve") / "audio"
+    return pretune.train(ROOT / "recipes/audio-classify.yaml", [f"run_dir={run_dir}", "data.duration=0.5", "backbone.size=tiny",
+                                                                "task.augment=null", "trainer.max_steps=4", "trainer.eval_every=4",
+                                                                *FAST]).model_dir
+
+
+def test_audio_model_takes_base64_clips_and_multipart_uploads(audio_model):
+    clips = sorted((ROOT / "src/pretune/data/builtin/spoken_digits/2").glob("*.flac"))[:3]
+    expected = pretune.load(audio_model).predict([str(c) for c in clips])
+    leftovers = set(Path(tempfile.gettempdir()).glob("pretune-serve-*"))
+    with serving(serve.app(audio_model)) as url, httpx.Client(base_url=url, timeout=60) as client:
+        inputs = [{"audio_base64": base64.b64encode(c.read_bytes()).decode()} for c in clips]
+        answer = client.post("/predict", json={"inputs": inputs})
+        assert answer.status_code == 200 and same(answer.json()["predictions"], expected)
+        upload = client.post("/predict", files=[("clip", (c.name, c.read_bytes(), "audio/flac")) for c in clips])
+        assert upload.status_code == 200 and same(upload.json()["predictions"], expected)
+        assert 'audio models take {"audio_base64"' in error(client.post("/predict", json={"inputs": ["a.wav"]}), 422)
+        garbage = base64.b64encode(b"RIFF not really a wave").decode()
+        assert "inputs[0] is not a readable audio file" in error(client.post("/predict", json={"inputs": [{"audio_base64": garbage}]}), 422)
+        page = client.get("/").text  # the page offers a clip drop
+        assert '"modality": "audio"' in page and "audio/*" in page
+    assert set(Path(tempfile.gettempdir()).glob("pretune-serve-*")) == leftovers  # uploaded clips are removed
 
 
 def test_vector_model_takes_lists_of_numbers(vector_model):
