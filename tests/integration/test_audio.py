@@ -9,7 +9,7 @@ import soundfile
 import soxr
 import torch
 
-from tests.integration.helpers import pretune, weights
+from tests.integration.helpers import weights
 
 QUICK = ["data.duration=0.5", "backbone.size=tiny", "trainer.batch_size=16", "trainer.progress=false", "trainer.tensorboard=false",
          "trainer.precision=fp32", "trainer.log_every=1"]
@@ -81,15 +81,17 @@ def test_whispers_packaged_encoder_converts_and_fine_tunes(tmp_path):
     assert records(run, "validation")[-1]["accuracy"] > 0.2  # chance is 0.1; tiny.en's features separate digits in five languages
 
 
-def test_bad_audio_input_is_one_line(masked, tmp_path):
+def test_bad_audio_input_is_one_line(masked, tmp_path, capsys):
+    from pretune.cli import main
+
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no audio here")
-    done = pretune("pretrain", "recipes/audio-masked.yaml", f"data.audio={tmp_path / 'empty'}", f"run_dir={tmp_path / 'r1'}", *QUICK,
-                   check=False)
-    assert done.returncode == 4 and "no audio files" in done.stderr and len(done.stderr.strip().splitlines()) == 1  # DataError
-    done = pretune("finetune", "recipes/audio-classify.yaml", f"model={masked / 'model'}", f"run_dir={tmp_path / 'r2'}",
-                   *QUICK[1:], check=False)  # clips of 1 s for a model of 0.5 s clips
-    assert done.returncode == 5 and "set data.duration=0.5" in done.stderr.splitlines()[-1]  # CheckpointError: the model's clips
+    code = main(["pretrain", "recipes/audio-masked.yaml", f"data.audio={tmp_path / 'empty'}", f"run_dir={tmp_path / 'r1'}", *QUICK])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 4 and len(err) == 1 and "no audio files" in err[0]  # DataError, one line
+    code = main(["finetune", "recipes/audio-classify.yaml", f"model={masked / 'model'}", f"run_dir={tmp_path / 'r2'}", *QUICK[1:]])
+    err = capsys.readouterr().err.strip().splitlines()  # clips of 1 s for a model of 0.5 s clips
+    assert code == 5 and "set data.duration=0.5" in err[-1]  # CheckpointError naming the model's clips
 
 
 def test_the_python_example_of_the_docs_runs(masked, tmp_path, capsys):
@@ -103,6 +105,7 @@ def test_the_python_example_of_the_docs_runs(masked, tmp_path, capsys):
     doc = Path("docs/audio.md").read_text()
     code = doc.split("```python\n", 1)[1].split("```", 1)[0]
     code = code.replace("runs/audio-classify/model", str(run / "model")).replace("clips/", f"{clips}/")
+    capsys.readouterr()  # what the fine-tuning printed
     exec(compile(code, "docs/audio.md", "exec"), {})
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 2 and "'label'" in printed[0] and "'label'" in printed[1]

@@ -152,7 +152,7 @@ class ArrayFamily(Backbone):
             if Path(weights).is_file():
                 check_weights_file(weights, "recipe key 'backbone.weights'")  # a .pth is a pickle: refused unless trusted
         spec = {"family": self.name, **self.spec(shape), "input_shape": list(shape)}
-        if data.arrays.audio is not None:
+        if getattr(data.arrays, "audio", None) is not None:
             spec["audio"] = data.arrays.audio  # how clips become features: predict reads them alike
         mean, std = self.input_stats(data.arrays.unlabelled_train.x)
         return ArrayBackbone(spec, self.network(spec, weights), mean, std)
