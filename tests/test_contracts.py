@@ -287,3 +287,16 @@ def test_every_strategy_on_every_family_trains_exactly_what_it_says(strategy, fa
         assert any("lora" in n for n in moved) and not backbone_moved - {n for n in moved if "modules_to_save" in n}
     else:
         assert backbone_moved and groups_trained
+
+
+@pytest.mark.parametrize("family", ["hf", "audio"])
+def test_saving_a_lora_model_leaves_the_live_adapters_training(family, folders, tmp_path):
+    """A checkpoint mid-run saves the adapters merged, into a copy: the model that goes on training keeps them."""
+    recipe_file, overrides = family_recipe(family, folders)
+    task, data, module = assemble(load_recipe(f"recipes/{recipe_file}", [*overrides, *QUIET, "strategy=lora:r=2", "task.cache_features=false"]))
+    task.on_epoch(module, 0)
+    training = sorted(n for n, p in module.named_parameters() if p.requires_grad)
+    assert any("lora" in n for n in training)
+    (tmp_path / "model").mkdir()
+    task.save(module, tmp_path / "model", data)
+    assert sorted(n for n, p in module.named_parameters() if p.requires_grad) == training

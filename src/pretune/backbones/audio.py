@@ -22,6 +22,7 @@ files some packages ship (``docs/audio.md``).
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from pathlib import Path
@@ -211,6 +212,7 @@ class Audio(ArrayFamily):
         return torch.zeros(x.shape[1]), torch.ones(x.shape[1])
 
     def save(self, module: nn.Module, path: Path, data: Any) -> None:
-        if isinstance(module, AudioClassifier):
+        if isinstance(module, AudioClassifier) and module.lora:  # a merged copy: the live model keeps training its adapters
+            module = copy.deepcopy(module)
             module.merge_lora()
         super().save(module, path, data)
