@@ -2,6 +2,7 @@
 
     python benchmarks/bench_pretrain.py            # full size: the table in BENCHMARKS.md
     python benchmarks/bench_pretrain.py --quick    # smoke size, a minute or two
+    python benchmarks/bench_pretrain.py --device cuda --contenders hf-bf16,pretune   # on a GPU (gpu_check.sh)
 
 Workloads: MLM on BERT L4/H256/A4 at seq 128 (batch 32) and seq 512 (batch 8); CLM on GPT-2
 L4/H256/A4 at seq 256 (batch 16) and seq 512 (batch 8); every one against the Trainer with
@@ -42,6 +43,7 @@ WORKLOADS = {
 }
 # contender name -> (tool, precision)
 CONTENDERS = [("hf-fp32", "hf", "fp32"), ("hf-bf16", "hf", "bf16"), ("pretune", "pretune", "auto")]
+EXTRA_CONTENDERS = [("hf-fp16", "hf", "fp16")]  # only when named: GPUs without bf16 tensor cores (T4, V100)
 
 
 def model_overrides(w: dict) -> list[str]:
@@ -83,7 +85,7 @@ def run_pretune(workload: str, data_dir: Path, steps: int, warmup: int, precisio
             "mfu_logged": statistics.median(r["mfu"] for r in train[warmup:])}
 
 
-def run_hf(workload: str, data_dir: Path, steps: int, warmup: int, precision: str) -> dict:
+def run_hf(workload: str, data_dir: Path, steps: int, warmup: int, precision: str, device: str = "cpu") -> dict:
     import datasets
     import torch
     import transformers
@@ -107,6 +109,8 @@ def run_hf(workload: str, data_dir: Path, steps: int, warmup: int, precision: st
 
     class Clock(transformers.TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
+            if device == "cuda":  # the step's kernels, not only their launch (pretune's time stamp follows a sync too)
+                torch.cuda.synchronize()
             times.append(time.perf_counter())
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -117,7 +121,8 @@ def run_hf(workload: str, data_dir: Path, steps: int, warmup: int, precision: st
         args = transformers.TrainingArguments(
             output_dir=tmp, per_device_train_batch_size=w["batch"], max_steps=steps, learning_rate=5e-4,
             warmup_steps=max(1, steps // 10), lr_scheduler_type="cosine", weight_decay=0.01, save_strategy="no",
-            logging_steps=1, report_to="none", disable_tqdm=True, use_cpu=True, bf16=precision == "bf16",
+            logging_steps=1, report_to="none", disable_tqdm=True, use_cpu=device == "cpu", bf16=precision == "bf16",
+            fp16=precision == "fp16",
             dataloader_num_workers=0, seed=0,
         )
         trainer = transformers.Trainer(model=model, args=args, train_dataset=blocks, data_collator=collator, callbacks=[Clock()])
@@ -148,18 +153,23 @@ def model_flops_per_step(workload: str, vocab: int) -> float:
 def child(args: argparse.Namespace) -> None:
     """One contender, one repetition, in its own process; prints a JSON line."""
     data_dir = Path(args.data_dir)
-    runner = run_hf if args.tool == "hf" else run_pretune
-    result = runner(args.workload, data_dir, args.steps, args.warmup, args.precision)
+    if args.tool == "hf":
+        result = run_hf(args.workload, data_dir, args.steps, args.warmup, args.precision, args.device)
+    else:  # pretune trains on the GPU whenever one is visible (the parent hides it for --device cpu)
+        result = run_pretune(args.workload, data_dir, args.steps, args.warmup, args.precision)
     report_result(result)
 
 
-def peaks() -> dict:
+def peaks(device: str = "cpu", size: int | None = None) -> dict:
     import torch
 
     from pretune.trainer.flops import measure_peak
 
-    return {"fp32": measure_peak(torch.float32, torch.device("cpu"), seconds=1.0),
-            "bf16": measure_peak(torch.bfloat16, torch.device("cpu"), seconds=1.0)}
+    found = {name: measure_peak(dtype, torch.device(device), size, seconds=1.0)
+             for name, dtype in [("fp32", torch.float32), ("bf16", torch.bfloat16)] + ([("fp16", torch.float16)] if device == "cuda" else [])}
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the contenders' processes get the GPU memory back
+    return found
 
 
 def main() -> None:
@@ -175,6 +185,9 @@ def main() -> None:
     parser.add_argument("--precision", help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where every contender trains")
+    parser.add_argument("--out", default=None, help="results JSON (default: results/pretrain[-cuda][-quick].json)")
+    parser.add_argument("--peak-size", type=int, default=None, help="GEMM size of the peak measurement (default: 2048 CPU, 8192 GPU)")
     args = parser.parse_args()
     steps = args.steps or (12 if args.quick else 60)
     warmup = args.warmup or (4 if args.quick else 10)
@@ -188,12 +201,15 @@ def main() -> None:
     repeats = args.repeats or (1 if args.quick else 3)
     RESULTS.mkdir(exist_ok=True)
     cache = Path(tempfile.mkdtemp(prefix="pretune-bench-"))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    peak = peaks()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           **({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {})}  # --device cpu: no contender finds a GPU
+    peak = peaks(args.device, args.peak_size)
     from pretune.trainer.precision import resolve
 
-    ours_precision = resolve("auto", torch.device("cpu"))  # what pretune's default picks on this CPU
-    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    ours_precision = resolve("auto", torch.device(args.device))  # what pretune's default picks on this CPU / GPU
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": args.device,
+              "machine": machine + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
               "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
               "steps": steps, "warmup": warmup, "repeats": repeats, "peak_gflops": {k: v / 1e9 for k, v in peak.items()}, "rows": []}
     for workload in args.workloads.split(","):
@@ -202,11 +218,12 @@ def main() -> None:
 
         vocab = len(AutoTokenizer.from_pretrained(str(data_dir / "tokenizer")))
         flops = model_flops_per_step(workload, vocab)
-        contenders = [c for c in CONTENDERS if c[0] in args.contenders.split(",")]
+        contenders = [c for c in CONTENDERS + EXTRA_CONTENDERS if c[0] in args.contenders.split(",")]
         runs = run_alternating(
             contenders, repeats,
             lambda tool, precision: [__file__, "--child", "--workload", workload, "--tool", tool, "--precision", precision,
-                                     "--data-dir", str(data_dir), "--steps", str(steps), "--warmup", str(warmup)],
+                                     "--data-dir", str(data_dir), "--steps", str(steps), "--warmup", str(warmup),
+                                     "--device", args.device],
             env, lambda name, rep, r: f"{workload} {name} rep {rep}: {r['tokens_per_s']:.0f} tokens/s, loss {r['final_loss']:.3f}")
         ours = statistics.median(r["tokens_per_s"] for r in runs["pretune"])
         loads = load_summary(runs)
@@ -223,8 +240,8 @@ def main() -> None:
                 "pretune_speedup": ours / medians[name], "strongest": name == strongest,
                 "foreign_load": loads[name]["max_foreign_load"], "peak_rss_mb": loads[name]["median_peak_rss_mb"],
             })
-    name = "pretrain-quick.json" if args.quick else "pretrain.json"
-    (RESULTS / name).write_text(json.dumps(report, indent=2))
+    name = f"pretrain{'-cuda' if args.device == 'cuda' else ''}{'-quick' if args.quick else ''}.json"
+    Path(args.out or RESULTS / name).write_text(json.dumps(report, indent=2))
     print(table(report))
 
 
