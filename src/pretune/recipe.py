@@ -112,10 +112,13 @@ class TrainerConfig(Section):
     max_steps: int | None = Field(None, ge=1)  # optimizer steps; overrides epochs
     min_steps: int | None = Field(None, ge=1)  # fine-tuning: at least this many optimizer steps (small label budgets get more epochs)
     max_time: float | None = Field(None, gt=0)  # seconds of training (a resumed run counts what it ran before); stop cleanly when spent
+    dist_timeout: float | None = Field(None, gt=0)  # seconds a collective may wait under torchrun (null: PRETUNE_DIST_TIMEOUT or 600)
     head_lr: float | None = Field(None, gt=0)  # learning rate of the new layers: fine-tuning's task layers, a continued model's new head (default: lr)
     clip: float | None = Field(1.0, gt=0)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     compile: bool = False
+    distributed: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: full replicas (ddp) or sharded weights, gradients, optimizer state (fsdp)
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass (less memory, ~1/3 more compute)
     fast_dropout: bool = True  # CPU: dropout masks from 16-bit integer draws instead of bernoulli_ (same operation, cheaper)
     group_by_length: bool = True  # fine-tuning text: batches of similar length, so little padding (trainer/data.py)
     workers: int = Field(0, ge=0)  # data-loader worker processes (collation, masking, augmentation)

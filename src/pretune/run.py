@@ -32,7 +32,7 @@ from pretune.recipe import Recipe, load_recipe
 from pretune.registry import TASKS
 from pretune.select import task_selection
 from pretune.tasks.base import Task
-from pretune.trainer import checkpoint, distributed
+from pretune.trainer import checkpoint, distributed, sharding
 from pretune.trainer.logging import before_after
 from pretune.trainer.loop import StepFailed, fit
 from pretune.trainer.precision import resolve as resolve_precision
@@ -108,9 +108,13 @@ def train(recipe: Recipe | str | Path, overrides: list[str] = (), *, resume: boo
 
 
 def _train(plan: Plan, recipe: Recipe, resume: bool, overwrite: bool, on_eval: Any, quiet: bool) -> RunResult:
-    world = distributed.init()
+    world = distributed.init(recipe.trainer.dist_timeout, group=recipe.trainer.distributed == "fsdp")
     run_dir = Path(recipe.run_dir)
-    resume_from = _prepare_run_dir(run_dir, recipe, resume, overwrite, world)
+    restart = distributed.restart_count(world)  # torchrun --max-restarts restarted the job after a process died
+    if restart and not resume:
+        resume_from = _resume_after_restart(run_dir, recipe, restart, overwrite, world)
+    else:
+        resume_from = _prepare_run_dir(run_dir, recipe, resume, overwrite, world)
     if recipe.trainer.threads:
         torch.set_num_threads(recipe.trainer.threads)
 
@@ -123,7 +127,9 @@ def _train(plan: Plan, recipe: Recipe, resume: bool, overwrite: bool, on_eval: A
         where = backbone.weights or backbone.path
         raise UnsafeFileError(f"{where}: refused by torch's restricted unpickler even with --trust-pickle: "
                               f"{next((l for l in str(exc).splitlines() if 'Unpickler error' in l), str(exc))[:300]}") from None
-    if resume_from is not None:
+    if resume_from is not None and sharding.has_shards(resume_from):  # written by trainer.distributed=fsdp, any world size
+        sharding.load_model(resume_from, module)
+    elif resume_from is not None:
         checkpoint.load_module(resume_from, module)
     data = task.prepare(module, data, world.device, resolve_precision(recipe.trainer.precision, world.device))
     try:
@@ -219,8 +225,13 @@ def _runtime_failure(exc: RuntimeError, recipe: Recipe, run_dir: Path, world: di
             f"(the same global batch), a shorter data.block_size, or trainer.precision=bf16 ({text[:200]})")
     if world.distributed and (isinstance(cause, getattr(torch.distributed, "DistBackendError", ())) or any(
             word in text for word in ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out", "timed out"))):
-        return DistributedError(f"rank {world.rank}: another process of the run failed or stopped answering at {step} "
-                                f"({text[:200]}); {kept}")
+        who = distributed.who_is_missing(world)  # a monitored barrier on a side group: rank 0 learns which rank is gone
+        when = f"at {step}" if isinstance(exc, StepFailed) else "during training"
+        if who and "timed out" in text.lower():
+            what = f"{who} stopped answering (hung or too slow) {when}: no collective within {distributed.timeout_setting()} s"
+        else:
+            what = f"{who or 'another process of the run'} failed or stopped answering {when}"
+        return DistributedError(f"rank {world.rank}: {what}; {kept} ({text[:200]})")
     return None
 
 
@@ -247,6 +258,25 @@ def score_test(run_dir: Path, test_file: str, plan: Plan | None = None, quiet: b
     else:
         print(summary_table(scores, title=f"test set {test_file}"))
     return scalars
+
+
+def _resume_after_restart(run_dir: Path, recipe: Recipe, restart: int, overwrite: bool, world: distributed.World) -> Path | None:
+    """``torchrun --max-restarts`` restarted every process after one died: resume as ``--resume`` does from the
+    latest complete checkpoint, or start over if none was written yet.  Only a run directory this job wrote
+    (its ``recipe.yaml`` is this recipe) is resumed or replaced; any other is treated as on the first attempt."""
+    saved = run_dir / "recipe.yaml"
+    ours = not distributed.any_rank(not (saved.is_file() and saved.read_text() == recipe.dump()), world)  # all read before rank 0 writes
+    if not ours:
+        return _prepare_run_dir(run_dir, recipe, False, overwrite, world)
+    if world.main:  # the kill may have come mid-save: a .tmp-* folder (dropped) or a folder mid-replacement (put back)
+        checkpoint.recover(run_dir)
+    distributed.barrier(world, "the recovery of the run directory")
+    latest = checkpoint.latest_checkpoint(run_dir)
+    if world.main:
+        where = (f"resuming from {latest} (step {int(checkpoint.STEP_DIR.match(latest.name).group(1))})" if latest is not None
+                 else f"no checkpoint in {run_dir} yet: starting over")
+        print(f"pretune: torchrun restarted the job (restart {restart}) after a process stopped; {where}", file=sys.stderr)
+    return latest if latest is not None else _prepare_run_dir(run_dir, recipe, False, True, world)
 
 
 def _prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool, world: distributed.World) -> Path | None:

@@ -36,21 +36,31 @@ from pretune.safeload import load_torch_state
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 _CRASH_AT = os.environ.get("PRETUNE_CRASH_AT")  # fault injection for the reliability tests (see crash_point)
+_HANG_AT = os.environ.get("PRETUNE_HANG_AT")
 
 
 def crash_point(*where: object) -> None:
-    """Testing aid: SIGKILL this process here if ``PRETUNE_CRASH_AT`` names this point.
+    """Testing aid: SIGKILL this process here if ``PRETUNE_CRASH_AT`` names this point, or hang here
+    (wait forever, as a rank stuck in a deadlock or on a dead filesystem) if ``PRETUNE_HANG_AT`` does.
 
     ``PRETUNE_CRASH_AT=save:step-00000006`` kills in the middle of writing that checkpoint,
     ``eval:8`` during the evaluation at step 8, ``micro:5:0`` after the first micro-batch of step 5
     (mid gradient accumulation); a suffix ``@R`` kills only the process of rank R (``torchrun``).
-    Costs one comparison when the variable is unset.
+    Only a job's first attempt is hit: the workers ``torchrun --max-restarts`` restarts
+    (``TORCHELASTIC_RESTART_COUNT`` > 0) pass the point.  Costs two comparisons when both variables are unset.
     """
-    if _CRASH_AT is None:
+    if _CRASH_AT is None and _HANG_AT is None or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return
-    point, _, rank = _CRASH_AT.partition("@")
-    if point == ":".join(str(part) for part in where) and rank in ("", os.environ.get("RANK", "0")):
-        os.kill(os.getpid(), signal.SIGKILL)
+    here, rank = ":".join(str(part) for part in where), os.environ.get("RANK", "0")
+    for spec, hang in ((_CRASH_AT, False), (_HANG_AT, True)):
+        point, _, only = (spec or "").partition("@")
+        if spec is None or point != here or only not in ("", rank):
+            continue
+        if not hang:
+            os.kill(os.getpid(), signal.SIGKILL)
+        os.write(2, f"pretune: PRETUNE_HANG_AT={spec}: rank {rank} hangs here\n".encode())
+        while True:
+            signal.pause()  # until a signal ends the process (torchrun's SIGTERM)
 
 
 def _fsync_tree(path: Path) -> None:
@@ -65,13 +75,16 @@ def _fsync_tree(path: Path) -> None:
             os.close(fd)
 
 
-def write_atomically(target: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp_dir)`` then rename ``tmp_dir`` to ``target`` (replacing an older one)."""
+def write_atomically(target: Path, write: Callable[[Path], None], tmp: Path | None = None) -> None:
+    """Call ``write(tmp_dir)`` then rename ``tmp_dir`` to ``target`` (replacing an older one).
+
+    ``tmp``: a temporary folder (:func:`temporary`) other processes have already written into (shards)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    if tmp is None:
+        tmp = temporary(target)
+        shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir()
+        tmp.mkdir(exist_ok=True)
         write(tmp)
         crash_point("save", target.name)
         _fsync_tree(tmp)
@@ -89,6 +102,11 @@ def write_atomically(target: Path, write: Callable[[Path], None]) -> None:
         if isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and "write" in str(exc)):  # torch.save wraps ENOSPC
             raise _save_error(target, exc) from None
         raise
+
+
+def temporary(target: Path, pid: int | None = None) -> Path:
+    """Where ``target`` is written before its rename (``pid``: of the process that renames it)."""
+    return target.parent / f".tmp-{target.name}-{pid or os.getpid()}"
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -130,18 +148,37 @@ def recover(run_dir: Path) -> None:
                 shutil.rmtree(leftover, ignore_errors=True)
 
 
-def save_checkpoint(run_dir: Path, step: int, module: torch.nn.Module, save_model: Callable[[Path], None],
-                    state: dict[str, Any], keep_last: int) -> Path:
-    """``model/`` for users (a Hugging Face folder), ``module.safetensors`` + ``state.pt`` for resuming."""
+def save_checkpoint(run_dir: Path, step: int, module: torch.nn.Module | None, save_model: Callable[[Path], None],
+                    state: dict[str, Any], keep_last: int, world: Any = None,
+                    shards: Callable[[Path], None] | None = None) -> Path:
+    """``model/`` for users (a Hugging Face folder), ``module.safetensors`` + ``state.pt`` for resuming.
+
+    Every rank calls it.  ``shards(folder)``: a sharded run's weights and optimizer state, which every
+    rank writes into ``dcp/`` of the same temporary folder (instead of ``module.safetensors``) before
+    rank 0 adds the rest and renames it into place."""
     target = run_dir / "checkpoints" / f"step-{step:08d}"
+    main = world is None or world.main
+    tmp = None
+    if shards is not None:
+        from pretune.trainer import distributed  # the ranks agree on rank 0's temporary folder
+
+        tmp = temporary(target, distributed.broadcast_int(os.getpid(), world))
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        distributed.barrier(world, f"the checkpoint folder of step {step}")
+        shards(tmp / "dcp")
+    if not main:
+        return target
 
     def write(tmp: Path) -> None:
         (tmp / "model").mkdir()
         save_model(tmp / "model")
-        safetensors.torch.save_model(module, str(tmp / "module.safetensors"))  # everything, adapters included
+        if shards is None:
+            safetensors.torch.save_model(module, str(tmp / "module.safetensors"))  # everything, adapters included
         torch.save(state, tmp / "state.pt")
 
-    write_atomically(target, write)
+    write_atomically(target, write, tmp)
     for old in checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return target

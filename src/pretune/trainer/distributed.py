@@ -7,12 +7,19 @@ a gloo all-reduce, each for a different one).  So the helpers here are called un
 every rank, and decisions one rank could take alone (stop early, stop for time, re-wrap the model)
 go through :func:`any_rank`.  A hang is made loud: the run starts with a ``monitored_barrier`` that
 names a missing rank, every :func:`barrier` is monitored too, and any collective that waits longer
-than the process-group timeout fails instead of waiting forever.
+than the process-group timeout fails instead of waiting forever; :func:`who_is_missing` then names
+the rank that stopped answering.  Monitored barriers run on a gloo side group made at :func:`init`,
+which still works when a timed-out collective has left the default group unusable.
+
+Under ``torchrun --max-restarts K`` a worker that dies restarts the whole job;
+:func:`restart_count` tells the restarted processes (``pretune.run`` then resumes from the last
+checkpoint).
 
 =============================  ========  =====================================================
 environment variable           default   what
 =============================  ========  =====================================================
-``PRETUNE_DIST_TIMEOUT``       600       seconds any collective (and :func:`barrier`) may wait
+``PRETUNE_DIST_TIMEOUT``       600       seconds any collective (and :func:`barrier`) may wait;
+                                         the recipe key ``trainer.dist_timeout`` wins when set
 ``PRETUNE_BARRIER_TIMEOUT``    300       seconds the start barrier waits for every rank to arrive
 =============================  ========  =====================================================
 """
@@ -32,9 +39,11 @@ from pretune.errors import DistributedError
 
 DIST_TIMEOUT_ENV, DIST_TIMEOUT_S = "PRETUNE_DIST_TIMEOUT", 600.0
 BARRIER_TIMEOUT_ENV, BARRIER_TIMEOUT_S = "PRETUNE_BARRIER_TIMEOUT", 300.0
+WHO_TIMEOUT_S = 10.0  # after a failed collective: how long the live ranks wait for each other to learn who is missing
 
-_monitor_group: Any = None  # the gloo group of monitored barriers (the default group under gloo; a side group under NCCL)
+_monitor_group: Any = None  # the gloo side group of monitored barriers (made by init; the default group may be broken)
 _timeout_s: float = DIST_TIMEOUT_S
+_timeout_setting: str = DIST_TIMEOUT_ENV  # what set _timeout_s, for messages: the recipe key or the environment variable
 
 
 @dataclass(frozen=True)
@@ -53,10 +62,12 @@ class World:
         return self.size > 1
 
 
-def init(timeout_s: float | None = None, barrier_timeout_s: float | None = None) -> World:
+def init(timeout_s: float | None = None, barrier_timeout_s: float | None = None, group: bool = False) -> World:
     """Join the process group when launched by torchrun, pick this process's device, and check that
-    every rank arrived (a monitored barrier that names a missing rank after ``barrier_timeout_s``)."""
-    global _monitor_group, _timeout_s
+    every rank arrived (a monitored barrier that names a missing rank after ``barrier_timeout_s``).
+    ``group``: join a process group even as torchrun's only process (FSDP shards over it).
+    ``timeout_s``: the recipe's ``trainer.dist_timeout`` (None: ``PRETUNE_DIST_TIMEOUT``, else 600 s)."""
+    global _monitor_group, _timeout_s, _timeout_setting
     size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -66,8 +77,9 @@ def init(timeout_s: float | None = None, barrier_timeout_s: float | None = None)
     else:
         device = torch.device("cpu")
     world = World(rank=rank, size=size, local_rank=local_rank, device=device)
-    if size > 1 and not dist.is_initialized():
+    if (size > 1 or (group and "MASTER_ADDR" in os.environ)) and not dist.is_initialized():  # group: torchrun, one process
         _timeout_s = timeout_s or _seconds(DIST_TIMEOUT_ENV, DIST_TIMEOUT_S)
+        _timeout_setting = "trainer.dist_timeout" if timeout_s else DIST_TIMEOUT_ENV
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=_timeout_s))
         # monitored_barrier exists only in gloo: NCCL runs get a gloo side group for it
@@ -78,23 +90,70 @@ def init(timeout_s: float | None = None, barrier_timeout_s: float | None = None)
         except DistributedError:
             shutdown(world)
             raise
+        if _monitor_group is None:  # gloo runs too, once every rank is here (a missing one was named above, not a store timeout)
+            _monitor_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=_timeout_s))
     return world
 
 
-def barrier(world: World, what: str = "a barrier", timeout_s: float | None = None, setting: str = DIST_TIMEOUT_ENV) -> None:
+def barrier(world: World, what: str = "a barrier", timeout_s: float | None = None, setting: str | None = None) -> None:
     """Wait for every rank; a rank that does not arrive within ``timeout_s`` (default: the process-group
     timeout) is named in one line (:class:`DistributedError`) instead of a silent wait."""
     if not world.distributed:
         return
-    timeout_s = timeout_s or _timeout_s
+    timeout_s, setting = timeout_s or _timeout_s, setting or _timeout_setting
     try:
         dist.monitored_barrier(group=_monitor_group, timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
     except RuntimeError as exc:  # rank 0 learns which ranks are missing; the others only that rank 0 did not answer
         text = " ".join(str(exc).split())
-        missing = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", text)
-        who = f"rank {missing.group(1).strip()}" if missing else "another rank" if world.main else "rank 0"
+        who = _missing(text) or ("another rank" if world.main else "rank 0")
+        if "Connection closed" in text or "Connection reset" in text:  # a process died: known at once, not after the timeout
+            raise DistributedError(f"rank {world.rank}: {who} died before reaching {what} (its connection closed)") from None
         raise DistributedError(f"rank {world.rank}: {who} did not reach {what} within {timeout_s:g} s; a process of the job "
                                f"failed, hangs, or is slower than {setting}={timeout_s:g} allows ({text[:200]})") from None
+
+
+def who_is_missing(world: World, timeout_s: float | None = None) -> str | None:
+    """After a collective failed (timed out, or a peer closed its connection): which rank stopped answering,
+    e.g. ``"rank 1"``, learnt from a monitored barrier on the gloo side group that waits ``timeout_s``
+    (default: ``WHO_TIMEOUT_S``, at most the collective timeout) for the live ranks to fail too and join it.
+    Rank 0 names the ranks that did not arrive (a dead one only in a world of two: gloo's "connection closed"
+    says no rank); another rank learns only that rank 0 did not answer (rank 0 may be the one missing, or be
+    waiting for another).  None: every rank answered, or rank 0 cannot tell."""
+    if not world.distributed or _monitor_group is None:
+        return None
+    timeout_s = timeout_s or min(WHO_TIMEOUT_S, _timeout_s)
+    try:
+        dist.monitored_barrier(group=_monitor_group, timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
+    except RuntimeError as exc:
+        if not world.main:
+            return "rank 0 (or a rank it waits for)"
+        return _missing(" ".join(str(exc).split())) or ("rank 1" if world.size == 2 else None)
+    return None
+
+
+def timeout_setting() -> str:
+    """What sets the collective timeout, with its value: ``trainer.dist_timeout=20`` or ``PRETUNE_DIST_TIMEOUT=600``."""
+    return f"{_timeout_setting}={_timeout_s:g}"
+
+
+def restart_count(world: World) -> int:
+    """How many times ``torchrun --max-restarts`` restarted the job's workers (``TORCHELASTIC_RESTART_COUNT``;
+    0 outside torchrun): the largest over the ranks, one answer for all (each node's agent counts its own)."""
+    count = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+    if world.distributed:
+        value = torch.tensor([float(count)], device=world.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        count = int(value.item())
+    return count
+
+
+def _missing(text: str) -> str | None:
+    """The ranks a failed ``monitored_barrier`` names (only rank 0 learns them): ``"rank 1"``, ``"ranks 1, 3"``."""
+    missing = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", text)
+    if missing is None:
+        return None
+    ranks = missing.group(1).strip().rstrip(",")
+    return f"{'ranks' if ',' in ranks else 'rank'} {ranks}"
 
 
 def all_reduce_sum(tensor: torch.Tensor, world: World) -> torch.Tensor:
@@ -110,6 +169,15 @@ def means(sums: dict[str, torch.Tensor], counts: dict[str, torch.Tensor], world:
         return {}
     totals = all_reduce_sum(torch.stack([sums[k] for k in keys]), world)
     return dict(zip(keys, (totals / torch.stack([counts[k] for k in keys])).tolist()))
+
+
+def broadcast_int(value: int, world: World) -> int:
+    """Rank 0's ``value`` on every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=world.device)
+    dist.broadcast(tensor, src=0)
+    return int(tensor.item())
 
 
 def any_rank(flag: bool, world: World) -> bool:
@@ -162,7 +230,7 @@ def gather_lists(logits: list, labels: list, world: World) -> tuple[list, list]:
 
 def shutdown(world: World) -> None:
     global _monitor_group
-    if world.distributed and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     _monitor_group = None
 

@@ -30,14 +30,14 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pretune.errors import TrainingError
+from pretune.errors import RecipeError, TrainingError
 from pretune.recipe import Recipe
-from pretune.trainer import checkpoint, data as batching, distributed
+from pretune.trainer import checkpoint, data as batching, distributed, sharding
 from pretune.trainer.fast import speed_up
 from pretune.trainer.flops import measure_peak
 from pretune.trainer.logging import RunLogger, name_metrics
 from pretune.trainer.optim import build_optimizer, build_schedule, lr_log_keys, param_groups
-from pretune.trainer.precision import autocast, resolve
+from pretune.trainer.precision import DTYPES, autocast, resolve
 
 if TYPE_CHECKING:
     from pretune.tasks.base import Task
@@ -69,6 +69,8 @@ class Progress:
     bad_evals: int = 0  # evaluations without a better monitored value (early-stopping patience)
     nan_skips: int = 0  # optimizer steps skipped for a non-finite loss / gradient (trainer.on_nan=skip)
     nan_streak: int = 0  # ... of them in a row, up to now
+    global_batch: int | None = None  # examples per optimizer step, all ranks (a resume must keep it: same batches)
+    accumulate: int | None = None  # micro-batches per step of the run that saved (converts `position` on resume)
 
 
 def fit(task: Task, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path, world: distributed.World,
@@ -110,15 +112,16 @@ def fit(task: Task, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path,
     progress = Progress()
     if resume_from is not None:
         state = checkpoint.load_state(resume_from)
-        trainer.load_state_dict(state)
-        progress = Progress(**state["progress"])
+        trainer.load_state_dict(state, resume_from)
+        progress = _resumed(Progress(**state["progress"]), cfg, world)
+    progress.global_batch, progress.accumulate = cfg.batch_size * cfg.accumulate * world.size, cfg.accumulate
     monitor, mode = _monitor(task, cfg)
     # trainer.min_steps stretches a small budget; it still evaluates as often as its `epochs` say
     epoch_steps = max(steps_per_epoch, total_steps // math.ceil(cfg.epochs)) if not cfg.max_steps else steps_per_epoch
     eval_every = epoch_steps if cfg.eval_every == "epoch" else cfg.eval_every
 
     log = RunLogger(run_dir, world.main, total_steps, progress.step, cfg.progress, cfg.report_to, recipe.model_dump(mode="json"))
-    peak = measure_peak(torch.bfloat16 if trainer.precision == "bf16" else torch.float32, world.device) if world.main else 0.0
+    peak = measure_peak(DTYPES[trainer.precision], world.device) if world.main else 0.0  # the peak of the precision trained in
     total, trainable = sum(p.numel() for p in module.parameters()), sum(p.numel() for p in module.parameters() if p.requires_grad)
     log.note(  # also in metrics.jsonl: what a study's cost accounting reads (examples, steps, parameters)
         progress.step, "start",
@@ -134,11 +137,13 @@ def fit(task: Task, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path,
 
     def save(final: bool = False) -> None:
         state = trainer.state_dict() | {"progress": vars(progress) | {"elapsed": elapsed()}}
-        if world.main:
-            checkpoint.save_checkpoint(run_dir, progress.step, module, lambda path: task.save(module, path, data), state, cfg.keep_last)
-            if final and (monitor is None or not (run_dir / "best").is_dir()):
-                checkpoint.write_atomically(run_dir / "model", lambda path: task.save(module, path, data))
-            elif final:  # the best model by the monitored metric, not the last one
+        with trainer.full_module() as full:  # sharded: the weights gathered on rank 0 (every rank takes part)
+            shards = (lambda folder: sharding.save(folder, module, trainer.optimizers)) if trainer.sharded else None
+            checkpoint.save_checkpoint(run_dir, progress.step, full, lambda path: task.save(full, path, data), state, cfg.keep_last,
+                                       world, shards)
+            if world.main and final and (monitor is None or not (run_dir / "best").is_dir()):
+                checkpoint.write_atomically(run_dir / "model", lambda path: task.save(full, path, data))
+            elif world.main and final:  # the best model by the monitored metric, not the last one
                 checkpoint.copy_atomically(run_dir / "best", run_dir / "model")
         distributed.barrier(world, f"the checkpoint of step {progress.step}")
 
@@ -147,11 +152,16 @@ def fit(task: Task, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path,
         if note:
             log.note(progress.step, "refit", note)
 
-    def write_best(path: Path) -> None:
-        (path / "model").mkdir()
-        task.save(module, path / "model", data)
-        scalars = {k: v for k, v in progress.last_eval.items() if isinstance(v, (int, float))}
-        (path / "metrics.json").write_text(json.dumps({"step": progress.step, **scalars}, indent=2))
+    def keep_best() -> None:  # every rank: a sharded model is gathered
+        def write(path: Path) -> None:
+            (path / "model").mkdir()
+            task.save(full, path / "model", data)
+            scalars = {k: v for k, v in progress.last_eval.items() if isinstance(v, (int, float))}
+            (path / "metrics.json").write_text(json.dumps({"step": progress.step, **scalars}, indent=2))
+
+        with trainer.full_module() as full:
+            if world.main:
+                checkpoint.write_atomically(run_dir / "best", write)
 
     def validate() -> bool:
         """Evaluate, keep the best model, and say whether early stopping ends the run (on every rank alike)."""
@@ -160,8 +170,9 @@ def fit(task: Task, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path,
         for name, dataset in getattr(data, "held_out", {}).items():  # e.g. general text: what continued pretraining forgets
             progress.last_eval.update({f"{name}_{k}": v for k, v in evaluate(task, module, dataset, recipe, world, trainer.precision).items()})
         checkpoint.crash_point("eval", progress.step)  # fault injection for tests/reliability (no-op otherwise)
-        progress.last_eval.update(task.probe(module, data, device=world.device, precision=trainer.precision,  # k-NN accuracy...
-                                             step=progress.step, out_dir=run_dir if world.main else None))
+        with trainer.unsharded():  # a probe may call a part of the model (its backbone) directly
+            progress.last_eval.update(task.probe(module, data, device=world.device, precision=trainer.precision,  # k-NN accuracy...
+                                                 step=progress.step, out_dir=run_dir if world.main else None))
         log.log(progress.step, "validation", {k: v for k, v in progress.last_eval.items() if isinstance(v, (int, float))})
         if on_eval is not None:
             on_eval(progress.step, progress.last_eval)
@@ -176,14 +187,12 @@ def fit(task: Task, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path,
             return False
         if _better(value, progress.best, mode):
             progress.best, progress.best_loss, progress.best_step, progress.bad_evals = value, loss, progress.step, 0
-            if world.main:
-                checkpoint.write_atomically(run_dir / "best", write_best)
+            keep_best()
         else:  # a tie of the monitored value (accuracy saturated at 1.0) goes to the lower validation loss; patience still counts it
             progress.bad_evals += 1
             if value == progress.best and loss is not None and _better(loss, progress.best_loss, "min"):
                 progress.best_loss, progress.best_step = loss, progress.step
-                if world.main:
-                    checkpoint.write_atomically(run_dir / "best", write_best)
+                keep_best()
         return distributed.any_rank(cfg.patience is not None and progress.bad_evals >= cfg.patience, world)
 
     if progress.step == 0 and data.validation is not None:  # the "before" point of every curve
@@ -234,7 +243,8 @@ def fit(task: Task, module: nn.Module, data: Any, recipe: Recipe, run_dir: Path,
                 values.update(trainer.learning_rates())  # lr (the base rate), lr_<group> for groups at other rates
                 values.update(tokens_per_s=window_tokens / seconds, examples_per_s=window_examples / seconds,
                               mfu=window_flops / seconds / peak if peak else 0.0,
-                              flops=window_flops)  # model FLOPs of the steps since the last train line (compute used)
+                              flops=window_flops,  # model FLOPs of the steps since the last train line (compute used)
+                              state_mb=trainer.state_bytes() / 2**20)  # weights, gradients, optimizer state held by rank 0
                 progress.tokens += int(window_tokens)
                 log.log(progress.step, "train", values)
                 log.progress(progress.step, {"loss": values.get("loss", float("nan")), f"{task.unit}/s": round(values["tokens_per_s"]),
@@ -303,6 +313,18 @@ class Trainer:
         module.to(self.device)
         if cfg.fast_dropout:  # the same dropout with a cheaper random mask on CPUs (trainer/fast.py)
             speed_up(module, self.device)
+        # trainer.distributed=fsdp: sharded checkpoints always (a later run may resume on more processes),
+        # sharded weights when there is a process group (torchrun, even with one process)
+        self.sharded = cfg.distributed == "fsdp"
+        self.fsdp, self.gathered = self.sharded and sharding.process_group(), None
+        if self.fsdp:
+            why = sharding.check(task, getattr(task, "strategy", None))
+            if why:
+                raise RecipeError(f"recipe key 'trainer.distributed': {why}")
+            self.gathered = sharding.Gathered(module, world.main)  # before sharding: the plain copy that writes model/
+            sharding.shard(module, self.precision, cfg.activation_checkpointing)
+        elif cfg.activation_checkpointing:
+            sharding.checkpoint_blocks(sharding.blocks(module))
 
         # One optimizer per phase.  Most tasks have one phase that trains everything on all of
         # task.losses; a GAN has two (discriminator, generator), each with its own parameters and losses.
@@ -330,8 +352,9 @@ class Trainer:
 
     def _wrap(self, note: str | None) -> str | None:
         changed = distributed.any_rank(note is not None, self.world)
-        if self.model is None or (changed and self.world.distributed):
-            wrapped = DistributedDataParallel(self.module, find_unused_parameters=self.multi) if self.world.distributed else self.module
+        if self.model is None or (changed and self.world.distributed and not self.fsdp):  # FSDP follows requires_grad itself
+            ddp = self.world.distributed and not self.fsdp
+            wrapped = DistributedDataParallel(self.module, find_unused_parameters=self.multi) if ddp else self.module
             self.model = torch.compile(wrapped) if self.cfg.compile else wrapped
         return note
 
@@ -359,7 +382,9 @@ class Trainer:
             for i, batch in enumerate(window):
                 torch.manual_seed(batching.mix(self.seed, step, i, world.rank, *([p] if self.multi else [])))
                 sync = i == len(window) - 1 or not world.distributed
-                with (contextlib.nullcontext() if sync else self.model.no_sync()), autocast(self.precision, device):
+                if self.fsdp:  # gradients reduce-scattered after the last micro-batch only
+                    self.module.set_requires_gradient_sync(i == len(window) - 1)
+                with (contextlib.nullcontext() if sync or self.fsdp else self.model.no_sync()), autocast(self.precision, device):
                     out = self.model(batch, phase) if self.multi else self.model(batch)
                     loss = sum(out[k] / units[k] for k in loss_keys) * world.size
                 self.scaler.scale(loss).backward()
@@ -371,7 +396,8 @@ class Trainer:
             # 3. clip, check, step
             self.scaler.unscale_(optimizer)
             params = [param for group in optimizer.param_groups for param in group["params"]]
-            grad_norms[phase] = grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip else float("inf"))
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip else float("inf"))
+            grad_norms[phase] = grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # sharded
             # non-finite loss or gradients (fp16's scaler skips those steps itself): trainer.on_nan
             if not self.scaler.is_enabled() and not torch.isfinite(grad_norm if world.distributed else grad_norm + loss.detach()):
                 skipped.append(_non_finite(step + 1, cfg, self.run_dir, phase, float(loss.detach()), float(grad_norm)))
@@ -395,14 +421,45 @@ class Trainer:
         return {"lr": rates.pop("lr"), **rates}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
-                "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()}, "scaler": self.scaler.state_dict()}
+        """What ``state.pt`` holds; a sharded run's optimizer state goes to the checkpoint's ``dcp/`` instead."""
+        optimizers = {} if self.sharded else {n: o.state_dict() for n, o in self.optimizers.items()}
+        return {"optimizers": optimizers, "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
+                "scaler": self.scaler.state_dict()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
+        """Resume from ``state`` (``state.pt``) and, for a sharded checkpoint, the optimizer shards in ``checkpoint_dir``."""
+        shards = checkpoint_dir is not None and sharding.has_shards(checkpoint_dir)
+        if self.fsdp and not shards:
+            raise RecipeError(f"recipe key 'trainer.distributed': {checkpoint_dir} was written by an unsharded (ddp) run; "
+                              f"resume it with trainer.distributed=ddp, or start a sharded run from its model/ folder")
+        if shards:
+            sharding.load_optimizers(checkpoint_dir, self.module, self.optimizers)
         for name in self.phases:
-            self.optimizers[name].load_state_dict(state["optimizers"][name])
+            if not shards:
+                self.optimizers[name].load_state_dict(state["optimizers"][name])
             self.schedulers[name].load_state_dict(state["schedulers"][name])
         self.scaler.load_state_dict(state.get("scaler", {}))
+
+    @contextlib.contextmanager
+    def full_module(self) -> Any:
+        """The module with its full weights, for writing folders: itself, or (sharded) rank 0's gathered copy
+        (``None`` on the other ranks).  Every rank enters it."""
+        if not self.fsdp:
+            yield self.module
+            return
+        with self.gathered.full(self.module) as full:
+            yield full
+
+    def unsharded(self) -> Any:
+        """A context in which every part of the module holds its full weights (read-only use); every rank enters it."""
+        return sharding.unsharded(self.module) if self.fsdp else contextlib.nullcontext(self.module)
+
+    def state_bytes(self) -> int:
+        """Bytes of weights, gradients and optimizer state this rank holds (its shards only, when sharded)."""
+        params = list(self.module.parameters())
+        grads = (p.grad for p in params if p.grad is not None)
+        return sum(sharding.local_bytes(group) for group in (iter(params), grads,
+                                                              *(sharding.optimizer_tensors(o) for o in self.optimizers.values())))
 
 
 @torch.no_grad()
@@ -433,6 +490,21 @@ def evaluate(task: Task, module: nn.Module, dataset: Any, recipe: Recipe, world:
     if task.wants_logits:
         named.update(task.score(*distributed.gather_lists(logits, labels, world)))
     return named
+
+
+def _resumed(progress: Progress, cfg: Any, world: distributed.World) -> Progress:
+    """A saved ``progress`` for this run, which may use another number of processes or micro-batches per step:
+    the global batch must stay the same (the same examples in each step), and the epoch's position is
+    converted from the saving run's micro-batches to this run's."""
+    global_batch = cfg.batch_size * cfg.accumulate * world.size
+    if progress.global_batch is not None and progress.global_batch != global_batch:
+        raise TrainingError(f"the run resumed was trained with {progress.global_batch} examples per step; this one would take "
+                            f"{global_batch} (trainer.batch_size {cfg.batch_size} x trainer.accumulate {cfg.accumulate} x "
+                            f"{world.size} process(es)); set trainer.batch_size and trainer.accumulate so the product is "
+                            f"{progress.global_batch}, then resume")
+    if progress.accumulate is not None and progress.accumulate != cfg.accumulate:
+        progress.position = progress.position // progress.accumulate * cfg.accumulate
+    return progress
 
 
 def _better(value: float, best: float | None, mode: str) -> bool:
