@@ -104,6 +104,7 @@ def _adapt_until(run_dir, args, after):
     return proc.returncode
 
 
+@pytest.mark.slow  # adaptation resumes through the one loop; bit-identical resume is tested by test_resume.py and test_kill_resume.py
 def test_a_killed_adaptation_resumes_bit_identical(adapted, start, tmp_path):
     """Killed in the head warm-up, after the vocabulary grew: the resumed run reads the saved tokenizer (no second
     extension) and the same replayed rows, and ends with the uninterrupted run's weights."""

@@ -32,6 +32,7 @@ def test_ddp_two_processes_equals_single_process(tmp_path):
     assert losses[0][-1] < losses[0][0]  # and training moved the weights
 
 
+@pytest.mark.slow  # the global-batch NT-Xent under 2 processes is tested in-process by tests/tasks/test_contrastive.py
 def test_simclr_under_ddp_uses_the_global_batch(tmp_path):
     """Negatives are gathered from both ranks: 2 x 16 trains exactly like 1 x 32 (no batch norm, whose
     statistics are per rank).  SGD, not Adam: Adam's first updates are about lr * sign(gradient), so

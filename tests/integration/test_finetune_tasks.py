@@ -382,6 +382,7 @@ def test_early_stopping_keeps_the_best_model_not_the_last(tmp_path, tiny_encoder
 
 
 # -- resume after a kill -------------------------------------------------------------------------
+@pytest.mark.slow  # fine-tuning resumes through the one loop; bit-identical resume is tested by test_resume.py and test_kill_resume.py
 def test_killed_finetune_resumes_bit_identically(tmp_path, tiny_encoder, topics):
     common = [f"data.train={topics / 'train.csv'}", "trainer.epochs=2", "trainer.batch_size=8", "trainer.save_every=2",
               "trainer.keep_last=1000", "strategy=llrd:0.8"]  # 28 steps, dropout on: resuming must replay it

@@ -126,6 +126,7 @@ def test_a_text_model_is_refused_as_an_item_model_in_one_line(sasrec, tmp_path):
         compose(load_recipe("recipes/interactions-rate.yaml", [f"model={text_model}"]))
 
 
+@pytest.mark.slow  # DDP equality is tested on text in test_distributed.py; items share the padded-batch path
 def test_ddp_two_processes_equal_one_on_item_sequences(log, tmp_path):
     common = [f"data.file={log}", *QUICK, "trainer.max_steps=4", "trainer.lr=2e-3", "trainer.eval_every=100",
               "backbone.config.resid_pdrop=0.0", "backbone.config.embd_pdrop=0.0", "backbone.config.attn_pdrop=0.0"]

