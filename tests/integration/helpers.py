@@ -32,3 +32,20 @@ def _checked(cmd, **kwargs):
 
 def weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(model_dir) / "model.safetensors"))
+
+
+def assert_same_training(expected_run: Path, run: Path) -> None:
+    """``run`` trained the model of ``expected_run``: the same weights (1e-4 / 1e-5: the same sums in another
+    order, over ranks) and the same global loss at every logged step, and training moved the loss."""
+    import json
+
+    import pytest
+
+    a, b = weights(expected_run / "model"), weights(run / "model")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=f"{name} differs")
+    losses = [[r["loss"] for r in map(json.loads, (r_dir / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
+              for r_dir in (expected_run, run)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)  # the same global loss at every logged step
+    assert losses[0][-1] < losses[0][0]  # and training moved the weights

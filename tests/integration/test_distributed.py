@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from tests.integration.helpers import ENV, TINY, pretune, weights
+from tests.integration.helpers import ENV, TINY, assert_same_training, pretune, weights
 
 COMMON = [*TINY, "trainer.max_steps=6", "trainer.precision=fp32", "trainer.lr=2e-3",
           "backbone.config.hidden_dropout_prob=0.0", "backbone.config.attention_probs_dropout_prob=0.0"]
@@ -22,14 +22,7 @@ def test_ddp_two_processes_equals_single_process(tmp_path):
         env=ENV, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    a, b = weights(single / "model"), weights(ddp / "model")
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=f"{name} differs")
-    losses = [[r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
-              for run in (single, ddp)]
-    assert losses[0] == pytest.approx(losses[1], rel=1e-4)  # the same global loss at every logged step
-    assert losses[0][-1] < losses[0][0]  # and training moved the weights
+    assert_same_training(single, ddp)
 
 
 @pytest.mark.slow  # the global-batch NT-Xent under 2 processes is tested in-process by tests/tasks/test_contrastive.py

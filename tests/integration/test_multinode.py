@@ -2,14 +2,10 @@
 train the same model, with the same logged losses, as one process with the same global batch: a
 multi-node job without the network.  Both nodes share the run directory, as on a shared filesystem."""
 
-import json
 import subprocess
 import sys
 
-import pytest
-import torch
-
-from tests.integration.helpers import ENV, pretune, weights
+from tests.integration.helpers import ENV, assert_same_training, pretune
 from tests.integration.test_distributed import COMMON
 
 PORT = 29615  # the rendezvous endpoint (295xx are the other torchrun tests')
@@ -33,11 +29,4 @@ def test_two_nodes_equal_one_process(tmp_path):
     assert sum("model saved to" in output for output in outputs) == 1  # rank 0 ran on one node, rank 1 on the other
     assert "2 process(es)" in "".join(outputs)
 
-    a, b = weights(single / "model"), weights(nodes / "model")
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=f"{name} differs")
-    losses = [[r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
-              for run in (single, nodes)]
-    assert losses[0] == pytest.approx(losses[1], rel=1e-4)  # the same global loss at every logged step
-    assert losses[0][-1] < losses[0][0]
+    assert_same_training(single, nodes)
