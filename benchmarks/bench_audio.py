@@ -44,10 +44,9 @@ import csv
 import shutil
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
-from common import (bench_env, check_source, load_summary, pretune_step_times, report_header, report_result, run_alternating,
+from common import (trainer_clock, bench_env, check_source, load_summary, pretune_step_times, report_header, report_result, run_alternating,
                     spread, steady_seconds, tail_mean, write_results)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -165,13 +164,7 @@ def run_hf(whisper: Path, manifest: Path, steps: int, warmup: int, precision: st
     times: list[float] = []
     losses: list[float] = []
 
-    class Clock(transformers.TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            times.append(time.perf_counter())
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                losses.append(logs["loss"])
+    clock = trainer_clock(times, losses)
 
     with tempfile.TemporaryDirectory() as tmp:
         args = transformers.TrainingArguments(
@@ -180,7 +173,7 @@ def run_hf(whisper: Path, manifest: Path, steps: int, warmup: int, precision: st
             eval_strategy="no", logging_steps=1, report_to="none", disable_tqdm=True, use_cpu=True, bf16=precision == "bf16",
             dataloader_num_workers=0, seed=SEED,
         )
-        transformers.Trainer(model=model, args=args, train_dataset=Clips(), callbacks=[Clock()]).train()
+        transformers.Trainer(model=model, args=args, train_dataset=Clips(), callbacks=[clock]).train()
     return timed(times, losses, frames, steps, warmup, whisper)
 
 

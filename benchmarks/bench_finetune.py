@@ -42,11 +42,10 @@ import math
 import shutil
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 from bench_pretrain import WORKLOADS, model_overrides
-from common import (bench_env, check_source, load_summary, pretune_step_times, read_csv, report_header, report_result, run_alternating, spread,
+from common import (trainer_clock, bench_env, check_source, load_summary, pretune_step_times, read_csv, report_header, report_result, run_alternating, spread,
                     steady_seconds, tail_mean, write_results, write_topic_split)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -169,13 +168,7 @@ def run_hf(init: Path, data_dir: Path, steps: int, warmup: int, precision: str) 
     times: list[float] = []
     losses: list[float] = []
 
-    class Clock(transformers.TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            times.append(time.perf_counter())
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                losses.append(logs["loss"])
+    clock = trainer_clock(times, losses)
 
     with tempfile.TemporaryDirectory() as tmp:
         args = transformers.TrainingArguments(
@@ -185,7 +178,7 @@ def run_hf(init: Path, data_dir: Path, steps: int, warmup: int, precision: str) 
             use_cpu=True, bf16=precision == "bf16", dataloader_num_workers=0, seed=SEED,
         )
         trainer = transformers.Trainer(model=model, args=args, train_dataset=tokenized(train_texts, train_labels),
-                                       data_collator=collate, callbacks=[Clock()])
+                                       data_collator=collate, callbacks=[clock])
         trainer.train()
         recording[0] = False
         prediction = trainer.predict(tokenized(test_texts, test_labels))

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import load_summary, report_result, run_alternating
+from common import trainer_clock, load_summary, report_result, run_alternating
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -107,15 +107,7 @@ def run_hf(workload: str, data_dir: Path, steps: int, warmup: int, precision: st
     times: list[float] = []
     losses: list[float] = []
 
-    class Clock(transformers.TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if device == "cuda":  # the step's kernels, not only their launch (pretune's time stamp follows a sync too)
-                torch.cuda.synchronize()
-            times.append(time.perf_counter())
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                losses.append(logs["loss"])
+    clock = trainer_clock(times, losses, cuda=device == "cuda")
 
     with tempfile.TemporaryDirectory() as tmp:
         args = transformers.TrainingArguments(
@@ -125,7 +117,7 @@ def run_hf(workload: str, data_dir: Path, steps: int, warmup: int, precision: st
             fp16=precision == "fp16",
             dataloader_num_workers=0, seed=0,
         )
-        trainer = transformers.Trainer(model=model, args=args, train_dataset=blocks, data_collator=collator, callbacks=[Clock()])
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=blocks, data_collator=collator, callbacks=[clock])
         trainer.train()
     seconds = times[-1] - times[warmup - 1]
     tokens = (steps - warmup) * w["batch"] * w["block"]

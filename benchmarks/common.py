@@ -209,6 +209,25 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def trainer_clock(times: list[float], losses: list[float], cuda: bool = False):
+    """A ``transformers.TrainerCallback`` that appends the end time of every Trainer step to ``times`` and each logged
+    loss to ``losses`` (``cuda``: after the step's kernels finish, not only their launch; pretune's stamps follow a sync too)."""
+    import torch
+    import transformers
+
+    class Clock(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(logs["loss"])
+
+    return Clock()
+
+
 def pretune_step_times(run_dir: Path, steps: int) -> list[dict]:
     """The per-step ``train`` rows of a pretune run logged with ``trainer.log_every=1`` (each has the
     ``time`` stamp written right after its optimizer step, before any evaluation or save)."""
