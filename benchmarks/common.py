@@ -320,3 +320,23 @@ def read_csv(path: Path) -> tuple[list[str], list[str]]:
     with open(path, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     return [r["text"] for r in rows], [r["label"] for r in rows]
+
+
+def gemm_peaks(precisions: list[str], device: str = "cpu", size: int | None = None) -> dict[str, float]:
+    """The measured GEMM peak (FLOP/s) of each precision a contender uses (``auto``: what pretune resolves to
+    here), and only those: on a CPU without native bf16 one emulated bf16 2048-matmul takes about a minute."""
+    import torch
+
+    from pretune.trainer.flops import measure_peak
+    from pretune.trainer.precision import DTYPES, resolve
+
+    names = sorted({resolve("auto", torch.device(device)) if p == "auto" else p for p in precisions})
+    found = {name: measure_peak(DTYPES[name], torch.device(device), size, seconds=1.0) for name in names}
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the contenders' processes get the GPU memory back
+    return found
+
+
+def peaks_text(report: dict) -> str:
+    """``GEMM peak fp32 132 / bf16 425 GFLOP/s`` for a report's ``peak_gflops``."""
+    return "GEMM peak " + " / ".join(f"{name} {value:.0f}" for name, value in report["peak_gflops"].items()) + " GFLOP/s"
