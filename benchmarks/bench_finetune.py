@@ -45,8 +45,9 @@ import tempfile
 from pathlib import Path
 
 from bench_pretrain import WORKLOADS, model_overrides
-from common import (trainer_clock, bench_env, check_source, load_summary, pretune_step_times, read_csv, report_header, report_result, run_alternating, spread,
-                    steady_seconds, tail_mean, write_results, write_topic_split)
+from common import (bench_env, check_source, gemm_peaks, load_summary, peaks_text, pretune_step_times, read_csv, report_header,
+                    report_result, run_alternating, spread, steady_seconds, tail_mean, trainer_clock, write_results,
+                    write_topic_split)
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "text-classify.yaml"
@@ -58,12 +59,12 @@ CONTENDERS = [("hf-fp32", "hf", "fp32"), ("hf-bf16", "hf", "bf16"), ("pretune", 
 TARGET_SPEEDUP = 2.5  # issue 17 part 3: full fine-tuning on natural lengths >= 2.5x the (bf16) Trainer
 
 
-def build_initial(folder: Path, pretrain_steps: int) -> Path:
-    """The starting folder of both contenders: the MLM row's mini BERT after a short pretune MLM run."""
+def build_initial(folder: Path, pretrain_steps: int, size: str = "mini") -> Path:
+    """The starting folder of both contenders: the MLM row's BERT (``size``) after a short pretune MLM run."""
     import pretune
 
     result = pretune.train(None, [
-        *model_overrides(WORKLOADS["mlm"]), f"run_dir={folder / 'pretrain'}", f"trainer.max_steps={pretrain_steps}",
+        *model_overrides(WORKLOADS["mlm"], size), f"run_dir={folder / 'pretrain'}", f"trainer.max_steps={pretrain_steps}",
         f"trainer.batch_size={WORKLOADS['mlm']['batch']}", "trainer.lr=5e-4", "trainer.warmup=0.1", "trainer.log_every=10",
         "trainer.progress=false", "trainer.tensorboard=false", f"trainer.save_every={pretrain_steps + 1}", f"seed={SEED}",
     ])
@@ -190,8 +191,8 @@ def run_hf(init: Path, data_dir: Path, steps: int, warmup: int, precision: str) 
 
 def child(args: argparse.Namespace) -> None:
     """One contender, one repetition, in its own process; prints a JSON line."""
-    global SEED
-    SEED = args.seed
+    global SEED, MAX_LENGTH, BATCH
+    SEED, MAX_LENGTH, BATCH = args.seed, args.max_length, args.batch
     if args.tool == "hf":
         result = run_hf(Path(args.init), Path(args.data_dir), args.steps, args.warmup, args.precision)
     else:
@@ -200,17 +201,8 @@ def child(args: argparse.Namespace) -> None:
     report_result({**result, "seed": SEED})
 
 
-def peaks() -> dict:
-    import torch
-
-    from pretune.trainer.flops import measure_peak
-
-    return {"fp32": measure_peak(torch.float32, torch.device("cpu"), seconds=1.0),
-            "bf16": measure_peak(torch.bfloat16, torch.device("cpu"), seconds=1.0)}
-
-
 def main() -> None:
-    global LR
+    global LR, MAX_LENGTH, BATCH
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke size for CI")
     parser.add_argument("--repeats", type=int, default=None)
@@ -220,6 +212,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None, help=f"learning rate of both tools (default {LR})")
     parser.add_argument("--contenders", default=",".join(name for name, _, _ in CONTENDERS))
     parser.add_argument("--seed", type=int, default=SEED, help="repetition r runs every contender with seed + r")
+    parser.add_argument("--size", default="mini", help="backbone.size of the encoder: mini (L4/H256), small (L4/H512), "
+                        "base (L12/H768)")
+    parser.add_argument("--max-length", type=int, default=MAX_LENGTH, help="tokens kept per text (both tools)")
+    parser.add_argument("--batch", type=int, default=BATCH, help="texts per step (both tools)")
+    parser.add_argument("--test-rows", type=int, default=None, help="evaluate on the first N test rows only (speed runs)")
+    parser.add_argument("--out", default=None, help="results JSON (default: results/finetune[-quick].json)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tool", help=argparse.SUPPRESS)
     parser.add_argument("--precision", help=argparse.SUPPRESS)
@@ -227,6 +225,7 @@ def main() -> None:
     parser.add_argument("--data-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     LR = args.lr or LR
+    MAX_LENGTH, BATCH = args.max_length, args.batch
     args.steps = args.steps or (12 if args.quick else 60)
     args.warmup = args.warmup or (4 if args.quick else 10)
     if args.child:
@@ -236,15 +235,26 @@ def main() -> None:
     pretrain_steps = args.pretrain_steps or (4 if args.quick else 100)
     work = Path(tempfile.mkdtemp(prefix="pretune-bench-finetune-"))
     try:
-        peak = peaks()
+        contenders = [c for c in CONTENDERS if c[0] in args.contenders.split(",")]
+        precisions = [precision for _, _, precision in contenders]
+        peak = gemm_peaks(precisions)
         sizes = build_data(work)
+        if args.test_rows:  # a speed run: the final evaluation need not read all 720 rows
+            import csv
+
+            texts, labels = read_csv(work / "test.csv")
+            with open(work / "test.csv", "w", newline="", encoding="utf-8") as handle:
+                csv.writer(handle).writerows([["text", "label"], *zip(texts[:args.test_rows], labels[:args.test_rows])])
+            sizes["test"] = min(sizes["test"], args.test_rows)
         test_labels = read_csv(work / "test.csv")[1]
         majority = max(test_labels.count(label) for label in set(test_labels)) / len(test_labels)
-        init = build_initial(work, pretrain_steps)
-        report = {**report_header(), "encoder": "BERT L4/H256/A4 (backbone.size=mini)", "pretrain_steps": pretrain_steps,
+        init = build_initial(work, pretrain_steps, args.size)
+        from pretune.backbones.transformers import SIZES
+
+        layers, hidden, heads = SIZES[args.size]
+        report = {**report_header(), "encoder": f"BERT L{layers}/H{hidden}/A{heads} (backbone.size={args.size})", "pretrain_steps": pretrain_steps,
                   **sizes, "max_length": MAX_LENGTH, "batch": BATCH, "lr": LR, "steps": args.steps, "warmup": args.warmup,
                   "repeats": repeats, "peak_gflops": {k: v / 1e9 for k, v in peak.items()}, "rows": []}
-        contenders = [c for c in CONTENDERS if c[0] in args.contenders.split(",")]
         runs = {name: [] for name, _, _ in contenders}
         for rep in range(repeats):  # repetition r: every contender with the same seed (paired), the order alternating
             seed = args.seed + rep
@@ -252,13 +262,14 @@ def main() -> None:
                 contenders if rep % 2 == 0 else contenders[::-1], 1,
                 lambda tool, precision: [__file__, "--child", "--tool", tool, "--precision", precision, "--init", str(init),
                                          "--data-dir", str(work), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                                         "--lr", str(LR), "--seed", str(seed)],
+                                         "--lr", str(LR), "--seed", str(seed), "--max-length", str(MAX_LENGTH),
+                                         "--batch", str(BATCH)],
                 bench_env(), lambda name, _, r: (f"{name} seed {r['seed']}: {r['samples_per_s']:.1f} samples/s (padded length "
                                                  f"{r['padded_length']:.0f}, real {r['real_length']:.0f}), test accuracy "
                                                  f"{r['accuracy']:.4f}, test loss {r['test_loss']:.3f}, train loss {r['final_loss']:.3f}"))
             for name, rows in done.items():
                 runs[name] += rows
-        peak = {k: max(v, w) for (k, v), w in zip(peak.items(), peaks().values())}  # before and after: the best of both
+        peak = {k: max(v, w) for (k, v), w in zip(peak.items(), gemm_peaks(precisions).values())}  # before and after: the best of both
         report["peak_gflops"] = {k: v / 1e9 for k, v in peak.items()}
         check_source(report)
     finally:
@@ -275,7 +286,7 @@ def main() -> None:
             "padded_length": statistics.median(r["padded_length"] for r in runs[name]),
             "real_length": statistics.median(r["real_length"] for r in runs[name]),
             "test_loss": statistics.median(r["test_loss"] for r in runs[name]),
-            "mfu": statistics.median(r["flop_per_s"] for r in runs[name]) / peak["bf16" if used == "bf16" else "fp32"],
+            "mfu": statistics.median(r["flop_per_s"] for r in runs[name]) / peak[used],
             "accuracy": accuracy, "final_loss": statistics.median(r["final_loss"] for r in runs[name]),
             "pretune_speedup": ours / speed["median"], "pretune_minus_this_points": 100 * (ours_accuracy - accuracy),
             "paired_points": [100 * (a["accuracy"] - b["accuracy"]) for a, b in zip(runs["pretune"], runs[name])],
@@ -301,7 +312,10 @@ def main() -> None:
                      f"noise ± {report['accuracy_noise_points']:.1f})" if judged else
                      f"not judged: every contender is at the majority-class accuracy ({majority:.2%}); train longer")}
         for r in report["rows"] if r["contender"].startswith("hf-")]
-    write_results("finetune", args.quick, report)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+    else:
+        write_results("finetune", args.quick, report)
     print(table(report))
 
 
@@ -309,8 +323,7 @@ def table(report: dict) -> str:
     lines = [f"{report['date']} · {report['machine']} · torch {report['torch']} · transformers {report['transformers']} · "
              f"{report['encoder']}, {report['pretrain_steps']} MLM steps · {report['classes']} classes, {report['train']} train / "
              f"{report['test']} test · max length {report['max_length']}, batch {report['batch']} · {report['steps']} steps "
-             f"({report['warmup']} warm-up) × {report['repeats']} repeats · GEMM peak fp32 {report['peak_gflops']['fp32']:.0f} / "
-             f"bf16 {report['peak_gflops']['bf16']:.0f} GFLOP/s", "",
+             f"({report['warmup']} warm-up) × {report['repeats']} repeats · {peaks_text(report)}", "",
              "| contender | samples/s (median) | min–max | padded (real) length | MFU | test accuracy | test loss | final train loss | "
              "pretune ÷ this | pretune − this (points, per seed) | peak RSS MB | foreign load (max) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
