@@ -1,6 +1,6 @@
 """Ratios as the work grows: every pretraining and fine-tuning row at three model sizes and two lengths.
 
-    python benchmarks/bench_scaling.py                          # the table in BENCHMARKS.md (~80 min on 2 cores)
+    python benchmarks/bench_scaling.py                          # the table in BENCHMARKS.md (~2 h on 2 cores)
     python benchmarks/bench_scaling.py --sizes mini --seqs 128 --repeats 1 --rows mlm   # one smoke cell
 
 Rows: MLM (BERT), CLM (GPT-2) and full fine-tuning (BERT, sequence classification on the embedded
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,9 +63,11 @@ def cell(row: str, size: str, seq: int, repeats: int, trainer: str, out: Path) -
     rows = []
     for r in report["rows"]:
         # fine-tuning: real (unpadded) tokens/s, since the few timed steps of each tool saw texts of different lengths
-        tokens = r["tokens_per_s"] if row != "finetune" else r["samples_per_s"] * r["real_length"]
+        each = [x["samples_per_s"] * x["real_length"] for x in r.get("runs", [])] if row == "finetune" else []
+        tokens = r["tokens_per_s"] if row != "finetune" else statistics.median(each or [r["samples_per_s"] * r["real_length"]])
         rows.append({"row": row, "size": size, "seq": seq, "contender": r["contender"], "precision": r["precision"],
-                     "tokens_per_s": tokens, "min": r["min"], "max": r["max"], "mfu": r["mfu"],
+                     "tokens_per_s": tokens, "min": min(each, default=r["min"]), "max": max(each, default=r["max"]),
+                     "range_unit": "samples" if row == "finetune" and not each else "tokens", "mfu": r["mfu"],
                      "pretune_speedup": r["pretune_speedup"], "peak_rss_mb": r.get("peak_rss_mb"),
                      "foreign_load": r.get("foreign_load"), "batch": report.get("batch") or r.get("batch"),
                      **({"padded_length": r["padded_length"], "real_length": r["real_length"]} if row == "finetune" else {})})
@@ -84,7 +87,7 @@ def table(report: dict) -> str:
         unit = "" if row != "finetune" else f" (padded {ours['padded_length']:.0f} / {theirs['padded_length']:.0f})"
         lines.append(f"| {row} | {names[size]} | {seq}{unit} | {ours['tokens_per_s']:.0f} | {theirs['tokens_per_s']:.0f} | "
                      f"**{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}×** ({ours['min'] / theirs['max']:.2f}–"
-                     f"{ours['max'] / theirs['min']:.2f}) | "
+                     f"{ours['max'] / theirs['min']:.2f}{' in samples/s' if ours.get('range_unit') == 'samples' else ''}) | "
                      f"{ours['mfu']:.0%} / {theirs['mfu']:.0%} | {ours['peak_rss_mb']:.0f} / {theirs['peak_rss_mb']:.0f} | "
                      f"{max(ours['foreign_load'], theirs['foreign_load']):.2f} |")
     return "\n".join(lines)

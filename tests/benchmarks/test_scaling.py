@@ -28,7 +28,9 @@ def fake_run(rows_by_contender, finetune=False):
         out = Path(command[command.index("--out") + 1])
         rows = [{"contender": name, "precision": "fp32", "mfu": 0.5, "min": speed * 0.9, "max": speed * 1.1,
                  "pretune_speedup": 1.0, "peak_rss_mb": 1000.0, "foreign_load": 0.01,
-                 **({"samples_per_s": speed, "real_length": 40.0, "padded_length": 60.0} if finetune else {"tokens_per_s": speed})}
+                 **({"samples_per_s": speed, "real_length": 40.0, "padded_length": 60.0,
+                     "runs": [{"samples_per_s": speed * f, "real_length": 40.0} for f in (0.9, 1.1)]}
+                    if finetune else {"tokens_per_s": speed})}
                 for name, speed in rows_by_contender.items()]
         out.write_text(json.dumps({"rows": rows}))
         run.command = command
@@ -53,7 +55,8 @@ def test_a_fine_tuning_cell_compares_real_tokens(monkeypatch, tmp_path):
     monkeypatch.setattr(bench_scaling.subprocess, "run", fake_run({"hf-fp32": 10.0, "pretune": 25.0}, finetune=True))
     rows = bench_scaling.cell("finetune", "mini", 128, 3, "hf-fp32", tmp_path / "c.json")
     assert {r["contender"]: r["tokens_per_s"] for r in rows} == {"hf-fp32": 400.0, "pretune": 1000.0}
-    assert "**2.50×**" in bench_scaling.table({"date": "now", "repeats": 3, "trainer": "hf-fp32", "rows": rows})
+    table = bench_scaling.table({"date": "now", "repeats": 3, "trainer": "hf-fp32", "rows": rows})
+    assert "| 1000 | 400 | **2.50×** (2.05–3.06) |" in table  # each run's real tokens/s, not its samples/s
 
 
 def test_peaks_are_measured_only_for_the_precisions_in_use(monkeypatch):
