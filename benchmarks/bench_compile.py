@@ -3,7 +3,7 @@
     python benchmarks/bench_compile.py                       # MLM seq 128 and CLM seq 256, every variant
     python benchmarks/bench_compile.py --workloads mlm --variants eager,blocks-native
 
-The step is the loop's own (:meth:`pretune.trainer.loop.Trainer.step`, as in ``profile_step.py``):
+The step is the loop's own (:meth:`pretune.trainer.loop.Trainer.step`, built by ``profile_step.build_trainer``):
 forward under the run's precision, loss, backward, clipping, fused AdamW.  Variants:
 
 - ``eager``: the defaults (cheap dropout masks, pretune's attention function, no compilation);
@@ -32,40 +32,24 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_pretrain import WORKLOADS, model_overrides  # noqa: E402
+from bench_pretrain import WORKLOADS  # noqa: E402
 from common import bench_env, load_summary, report_result, run_alternating  # noqa: E402
+from profile_step import build_trainer  # noqa: E402
 
 VARIANTS = {"eager": [], "eager-native": ["trainer.fast_dropout=false"], "whole": ["trainer.compile=true"],
             "blocks": [], "blocks-native": ["trainer.fast_dropout=false"]}
 
 
 def child(workload: str, variant: str, steps: int, warmup: int) -> dict:
-    import tempfile
-
-    import torch
-
-    from pretune.recipe import load_recipe
-    from pretune.run import compose, read_data
-    from pretune.trainer import distributed, sharding
-    from pretune.trainer.loop import Trainer
-    from pretune.trainer.precision import resolve
+    from pretune.trainer import sharding
 
     w = WORKLOADS[workload]
-    recipe = load_recipe(None, [*model_overrides(w), f"trainer.batch_size={w['batch']}", "data.max_documents=3000",
-                                *VARIANTS[variant]])
-    plan = compose(recipe)
-    world = distributed.World()
-    with tempfile.TemporaryDirectory() as run_dir:
-        data = read_data(plan, recipe, Path(run_dir), None, world)
-    torch.manual_seed(recipe.seed)
-    module = plan.task.build(plan.backbone, data)
-    data = plan.task.prepare(module, data, world.device, resolve(recipe.trainer.precision, world.device))
-    trainer = Trainer(plan.task, module, recipe, world, total_steps=1000)
+    trainer, task, data = build_trainer(w, VARIANTS[variant])
     if variant.startswith("blocks"):
-        for block in sharding.blocks(module):
+        for block in sharding.blocks(trainer.module):
             block.compile()
     trainer.start_epoch(0)
-    batches = [plan.task.collate(data.train[i * w["batch"]:(i + 1) * w["batch"]], list(range(w["batch"])))
+    batches = [task.collate(data.train[i * w["batch"]:(i + 1) * w["batch"]], list(range(w["batch"])))
                for i in range(4)]
     times = []
     started = time.perf_counter()

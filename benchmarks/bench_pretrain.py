@@ -90,14 +90,14 @@ def run_pretune(workload: str, data_dir: Path, steps: int, warmup: int, precisio
             "mfu_logged": statistics.median(r["mfu"] for r in train[warmup:])}
 
 
-def run_hf(workload: str, data_dir: Path, steps: int, warmup: int, precision: str, device: str = "cpu", size: str = "mini",
-           batch: int | None = None) -> dict:
+def hf_contender(w: dict, data_dir: Path, size: str):
+    """(model, collator, packed blocks) of the Trainer and hand-loop contenders: Transformers' own BERT or
+    GPT-2 of pretune's ``size`` preset, its language-modelling collator (15% masking, 80/10/10 for MLM)."""
     import datasets
     import torch
     import transformers
     from pretune.backbones.transformers import SIZES
 
-    w = {**WORKLOADS[workload], "batch": batch or WORKLOADS[workload]["batch"]}
     layers, hidden, heads = SIZES[size]
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(data_dir / "tokenizer"))
     blocks = datasets.load_from_disk(str(data_dir / "blocks"))
@@ -106,12 +106,18 @@ def run_hf(workload: str, data_dir: Path, steps: int, warmup: int, precision: st
         config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
                                          num_attention_heads=heads, intermediate_size=4 * hidden, pad_token_id=tokenizer.pad_token_id,
                                          max_position_embeddings=max(512, w["block"]))
-        model = transformers.BertForMaskedLM(config)
-        collator = transformers.DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=0.15)
-    else:
-        config = transformers.GPT2Config(vocab_size=len(tokenizer), n_embd=hidden, n_layer=layers, n_head=heads, n_positions=1024)
-        model = transformers.GPT2LMHeadModel(config)
-        collator = transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False)
+        return (transformers.BertForMaskedLM(config),
+                transformers.DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=0.15), blocks)
+    config = transformers.GPT2Config(vocab_size=len(tokenizer), n_embd=hidden, n_layer=layers, n_head=heads, n_positions=1024)
+    return transformers.GPT2LMHeadModel(config), transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False), blocks
+
+
+def run_hf(workload: str, data_dir: Path, steps: int, warmup: int, precision: str, device: str = "cpu", size: str = "mini",
+           batch: int | None = None) -> dict:
+    import transformers
+
+    w = {**WORKLOADS[workload], "batch": batch or WORKLOADS[workload]["batch"]}
+    model, collator, blocks = hf_contender(w, data_dir, size)
     times: list[float] = []
     losses: list[float] = []
 
@@ -137,27 +143,13 @@ def run_hand(workload: str, data_dir: Path, steps: int, warmup: int, precision: 
     """The strongest plain PyTorch loop a careful user would write: the same model class and collator as the
     Trainer, the vocabulary projection only at the masked positions (MLM), fused AdamW (decay on matrices),
     the same cosine schedule, clipping at 1.0, autocast in the precision pretune picks on this machine."""
-    import datasets
     import torch
     import transformers
-    from pretune.backbones.transformers import SIZES
     from pretune.trainer.precision import DTYPES, resolve
 
     w = {**WORKLOADS[workload], "batch": batch or WORKLOADS[workload]["batch"]}
-    layers, hidden, heads = SIZES[size]
     precision = resolve(precision, torch.device("cpu"))
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(data_dir / "tokenizer"))
-    blocks = datasets.load_from_disk(str(data_dir / "blocks"))
-    torch.manual_seed(0)
-    if w["task"] == "mlm":
-        model = transformers.BertForMaskedLM(transformers.BertConfig(
-            vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-            intermediate_size=4 * hidden, pad_token_id=tokenizer.pad_token_id, max_position_embeddings=max(512, w["block"])))
-        collator = transformers.DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=0.15)
-    else:
-        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            vocab_size=len(tokenizer), n_embd=hidden, n_layer=layers, n_head=heads, n_positions=1024))
-        collator = transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    model, collator, blocks = hf_contender(w, data_dir, size)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     rest = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],

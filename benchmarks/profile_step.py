@@ -27,6 +27,30 @@ sys.path.insert(0, str(HERE))
 from bench_pretrain import WORKLOADS, model_overrides  # noqa: E402
 
 
+def build_trainer(w: dict, overrides: list[str]):
+    """(trainer, task, data) for workload ``w``, composed by pretune itself as ``run.train`` does (3,000
+    documents of the embedded corpus), the ``Trainer`` built but its epoch not started."""
+    import tempfile
+
+    import torch
+
+    from pretune.recipe import load_recipe
+    from pretune.run import compose, read_data
+    from pretune.trainer import distributed
+    from pretune.trainer.loop import Trainer
+    from pretune.trainer.precision import resolve
+
+    recipe = load_recipe(None, [*model_overrides(w), f"trainer.batch_size={w['batch']}", "data.max_documents=3000", *overrides])
+    plan = compose(recipe)
+    world = distributed.World()  # one CPU process
+    with tempfile.TemporaryDirectory() as run_dir:  # read_data saves the trained tokenizer there
+        data = read_data(plan, recipe, Path(run_dir), None, world)
+    torch.manual_seed(recipe.seed)
+    module = plan.task.build(plan.backbone, data)
+    data = plan.task.prepare(module, data, world.device, resolve(recipe.trainer.precision, world.device))  # as run.train does
+    return Trainer(plan.task, module, recipe, world, total_steps=1000), plan.task, data
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workload", choices=sorted(WORKLOADS))
@@ -38,32 +62,15 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. backbone.config={attn_pdrop: 0.1}")
     args = parser.parse_args()
 
-    import tempfile
-
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from pretune.recipe import load_recipe
-    from pretune.run import compose, read_data
-    from pretune.trainer import distributed
-    from pretune.trainer.loop import Trainer
-    from pretune.trainer.precision import resolve
-
     w = WORKLOADS[args.workload]
     compile_flag = ["trainer.compile=true"] if args.compile else []
-    recipe = load_recipe(None, [*model_overrides(w), f"trainer.batch_size={w['batch']}", f"trainer.precision={args.precision}",
-                                "data.max_documents=3000", *compile_flag, *args.overrides])
-    plan = compose(recipe)
-    world = distributed.World()  # one CPU process
-    with tempfile.TemporaryDirectory() as run_dir:  # read_data saves the trained tokenizer there
-        data = read_data(plan, recipe, Path(run_dir), None, world)
-    torch.manual_seed(recipe.seed)
-    module = plan.task.build(plan.backbone, data)
-    data = plan.task.prepare(module, data, world.device, resolve(recipe.trainer.precision, world.device))  # as run.train does
-    trainer = Trainer(plan.task, module, recipe, world, total_steps=1000)
+    trainer, task, data = build_trainer(w, [f"trainer.precision={args.precision}", *compile_flag, *args.overrides])
     precision = trainer.precision
     trainer.start_epoch(0)  # wraps the module (torch.compile) as fit does
-    window = [plan.task.collate(data.train[: w["batch"]], list(range(w["batch"])))]  # one micro-batch per step
+    window = [task.collate(data.train[: w["batch"]], list(range(w["batch"])))]  # one micro-batch per step
     done = 0
 
     def step() -> None:
